@@ -25,3 +25,22 @@ def collect(problems: list[tuple[str, str]]) -> None:
         f"{len(problems)} problems:\n" + "\n".join(f"  - {p}" for p, _ in problems),
         "\n".join(f"  - {f}" for _, f in problems),
     )
+
+
+class clear_errors:  # noqa: N801 - used as `with clear_errors():`
+    """Turn a KubetuneError into a one-message exit (status 2) instead of a traceback.
+
+    Steps run under this in components and commands, so the Kubeflow UI log and the terminal end with the
+    problem and the fix.
+    """
+
+    def __enter__(self) -> clear_errors:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, KubetuneError):
+            import sys
+
+            print(f"kubetune: error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+        return False

@@ -1,0 +1,56 @@
+"""Base-vs-tuned evaluation component (GPU)."""
+
+from kfp import dsl
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+
+from kubetune.containers.images import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def evaluate_model(
+    model: Input[Model],
+    adapter: Input[Model],
+    eval_data: Input[Dataset],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    probe_questions: list = ["久咳不愈怎么治疗？", "How should a persistent cough be treated in Traditional Chinese Medicine?"],
+    max_new_tokens: int = 256,
+    max_generation_samples: int = 32,
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "kubetune",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+):
+    """Compare the base model and the tuned adapter on the held-out set: loss, perplexity and chrF (works for
+    Chinese and English), plus batched greedy answers to the held-out prompts and to the probe questions, shown
+    side by side in an HTML report. Logs metrics, the answers table and the report to the training's MLflow run.
+
+    Args:
+        probe_questions: Questions asked of both models besides the held-out prompts.
+        max_new_tokens: Cap on generated tokens per answer.
+        max_generation_samples: Held-out prompts to answer (0 = all).
+        mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else a local sqlite store.
+        mlflow_experiment: MLflow experiment name.
+        kfp_run_id: The KFP run id, tagged on the MLflow run.
+        kfp_run_name: The KFP run name.
+    """
+    from kubetune.config import EvalConfig
+    from kubetune.errors import clear_errors
+    from kubetune.steps import Tracking, evaluate
+
+    with clear_errors():
+        result = evaluate(
+            model.path, adapter.path, eval_data.path, report.path,
+            EvalConfig(probe_questions=[str(q) for q in probe_questions], max_new_tokens=max_new_tokens,
+                       max_generation_samples=max_generation_samples),
+            tracking=Tracking(mlflow_tracking_uri or adapter.metadata.get("tracking_uri", ""), mlflow_experiment,
+                              adapter.metadata.get("mlflow_run_id", ""), kfp_run_id, kfp_run_name),
+            prompt_style=eval_data.metadata.get("prompt_style", "expert"),
+            persona=eval_data.metadata.get("persona", ""),
+        )
+    for name, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(name, value)
+    report.metadata.update({"mlflow_run_id": result["mlflow_run_id"], "mlflow_run_url": result["mlflow_run_url"]})
+    if result["tracking_report"]:
+        print(result["tracking_report"], flush=True)

@@ -1,0 +1,72 @@
+"""Dataset prep component (CPU)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Markdown, Metrics, Output
+
+from kubetune.config import DEFAULT_PERSONA, SAMPLE_DATASET
+from kubetune.containers.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def prepare_dataset(
+    train_data: Output[Dataset],
+    eval_data: Output[Dataset],
+    stats: Output[Metrics],
+    summary: Output[Markdown],
+    dataset: str = SAMPLE_DATASET,
+    base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    model_revision: str = "",
+    dataset_format: str = "auto",
+    columns: str = "",
+    prompt_style: str = "expert",
+    persona: str = DEFAULT_PERSONA,
+    max_length: int = 2048,
+    length_policy: str = "truncate",
+    max_samples: int = 0,
+    eval_fraction: float = 0.1,
+    max_eval_samples: int = 200,
+    seed: int = 42,
+    trust_remote_code: bool = False,
+):
+    """Prepare an SFT dataset: read a file, folder, s3:// or gs:// URI or hub id in Alpaca, chat or
+    prompt/completion format; template prompts with the expert persona or the chat template; drop empty answers
+    and duplicates; drop or truncate over-long rows; split train/eval. Reports rows kept and dropped per rule and
+    token-length percentiles.
+
+    Args:
+        dataset: File, folder, s3:// or gs:// URI, hub id, or kubetune://tcm-demo for the bundled demo data.
+        base_model: Model whose tokenizer measures and tokenizes the text (local directory or hub id).
+        model_revision: Hub revision (branch, tag or commit) of base_model; empty for the default.
+        dataset_format: alpaca, chat, prompt_completion, or auto to detect from the columns.
+        columns: Explicit column mapping, e.g. instruction=question,output=answer.
+        prompt_style: expert (persona + instruction/response template) or chat (tokenizer chat template).
+        persona: The expert persona placed at the top of every prompt.
+        max_length: Maximum tokens per sample.
+        length_policy: drop or truncate samples longer than max_length.
+        max_samples: Keep at most this many rows (0 = all), sampled with the seed.
+        eval_fraction: Fraction of rows held out for evaluation.
+        max_eval_samples: Cap on held-out rows (0 = no cap).
+        seed: Seed for sampling and the split.
+        trust_remote_code: Allow tokenizer code from the hub.
+    """
+    from kubetune.config import DataConfig
+    from kubetune.errors import clear_errors
+    from kubetune.steps import parse_columns, prepare
+
+    with clear_errors():
+        config = DataConfig(
+            dataset=dataset, dataset_format=dataset_format, prompt_style=prompt_style, persona=persona,
+            max_length=max_length, length_policy=length_policy, max_samples=max_samples,
+            eval_fraction=eval_fraction, max_eval_samples=max_eval_samples, seed=seed, **parse_columns(columns),
+        )
+        stat_values, markdown, metadata = prepare(
+            config, base_model, train_data.path, eval_data.path, revision=model_revision,
+            trust_remote_code=trust_remote_code,
+        )
+    for name, value in stat_values.items():
+        if isinstance(value, (int, float)):
+            stats.log_metric(name, value)
+    train_data.metadata.update(metadata)
+    eval_data.metadata.update(metadata)
+    with open(summary.path, "w", encoding="utf-8") as handle:
+        handle.write(markdown)

@@ -1,0 +1,42 @@
+"""4-bit model load component (CPU or GPU node)."""
+
+from kfp import dsl
+from kfp.dsl import Model, Output
+
+from kubetune.containers.images import CPU_IMAGE
+
+
+@dsl.component(base_image=CPU_IMAGE, install_kfp_package=False)
+def quantize_model(
+    model: Output[Model],
+    base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    model_revision: str = "",
+    quantization: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a base model in 4-bit with bitsandbytes and save the pre-quantized model (safetensors) and tokenizer.
+
+    Runs on a CPU node so downloads never hold a GPU; KFP's cache reuses the output while the model and settings
+    are unchanged. The artifact's metadata records the source, revision, content hash and quantization settings.
+
+    Args:
+        base_model: Local model directory (e.g. on a mounted volume) or hub id.
+        model_revision: Hub revision (branch, tag or commit); empty for the default branch.
+        quantization: nf4, fp4, or none to keep bf16 weights (plain LoRA).
+        double_quant: Quantize the quantization constants as well.
+        compute_dtype: Dtype of 4-bit matmuls: auto, bfloat16, float16 or float32.
+        trust_remote_code: Allow model code from the hub.
+    """
+    from kubetune.config import QuantConfig
+    from kubetune.errors import clear_errors
+    from kubetune.steps import quantize
+
+    with clear_errors():
+        metadata = quantize(
+            base_model, model.path,
+            QuantConfig(quantization=quantization, double_quant=double_quant, compute_dtype=compute_dtype),
+            revision=model_revision, trust_remote_code=trust_remote_code,
+        )
+    model.metadata.update(metadata)

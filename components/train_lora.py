@@ -1,0 +1,91 @@
+"""LoRA SFT component (GPU)."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from kubetune.containers.images import GPU_IMAGE
+
+
+@dsl.component(base_image=GPU_IMAGE, install_kfp_package=False)
+def train_lora(
+    model: Input[Model],
+    train_data: Input[Dataset],
+    adapter: Output[Model],
+    metrics: Output[Metrics],
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    target_modules: str = "all-linear",
+    learning_rate: float = 2e-4,
+    lr_scheduler: str = "cosine",
+    warmup_ratio: float = 0.03,
+    num_epochs: float = 1.0,
+    max_steps: int = 0,
+    batch_tokens: int = 0,
+    gradient_accumulation: int = 1,
+    lean: bool = False,
+    save_steps: int = 50,
+    seed: int = 42,
+    checkpoint_dir: str = "",
+    mlflow_tracking_uri: str = "",
+    mlflow_experiment: str = "kubetune",
+    kfp_run_id: str = "",
+    kfp_run_name: str = "",
+) -> NamedTuple("TrainOutputs", mlflow_run_id=str):
+    """Train a LoRA adapter with TRL's SFTTrainer on the 4-bit model: loss on completions only, packed batches
+    in which each sample attends only to itself, checkpoints that a retry resumes from. Logs parameters, dataset
+    statistics, per-step metrics and the adapter to MLflow.
+
+    Args:
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (scale = alpha / r).
+        lora_dropout: Dropout on the LoRA input.
+        target_modules: all-linear, or comma-separated module names such as q_proj,v_proj.
+        learning_rate: Peak learning rate.
+        lr_scheduler: linear, cosine, constant, ...
+        warmup_ratio: Fraction of steps spent warming up.
+        num_epochs: Epochs over the training set (ignored when max_steps > 0).
+        max_steps: Stop after this many optimizer steps (0 = run num_epochs).
+        batch_tokens: Tokens per packed micro-batch (0 = sized from free GPU memory).
+        gradient_accumulation: Micro-batches per optimizer step.
+        lean: Lean mode for small GPUs (checkpointing, small batches, 8-bit optimizer).
+        save_steps: Checkpoint every N steps (0 = only at the end).
+        seed: Training seed.
+        checkpoint_dir: Where checkpoints go (a mounted volume survives pod restarts); empty = beside the output.
+        mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else a local sqlite store.
+        mlflow_experiment: MLflow experiment name.
+        kfp_run_id: The KFP run id, tagged on the MLflow run.
+        kfp_run_name: The KFP run name, used as the MLflow run name.
+    """
+    from collections import namedtuple
+
+    from kubetune.config import LoraSettings, TrainConfig
+    from kubetune.errors import clear_errors
+    from kubetune.steps import Tracking, train
+
+    with clear_errors():
+        result = train(
+            model.path, train_data.path, adapter.path,
+            lora=LoraSettings(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                              target_modules=target_modules),
+            train_config=TrainConfig(
+                learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
+                num_epochs=num_epochs, max_steps=max_steps, batch_tokens=batch_tokens,
+                gradient_accumulation=gradient_accumulation, lean=lean, save_steps=save_steps, seed=seed,
+            ),
+            max_length=int(train_data.metadata.get("max_length", 2048)),
+            checkpoint_dir=checkpoint_dir or adapter.path.rstrip("/") + ".checkpoints",
+            tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name),
+            model_metadata=dict(model.metadata),
+            data_metadata=dict(train_data.metadata),
+        )
+    for name, value in result.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            metrics.log_metric(name, value)
+    adapter.metadata.update({k: result[k] for k in ("mlflow_run_id", "mlflow_run_url", "tracking_uri")})
+    adapter.metadata.update({"base_model": model.metadata.get("source", ""), "mlflow_experiment": mlflow_experiment})
+    if result["tracking_report"]:
+        print(result["tracking_report"], flush=True)
+    return namedtuple("TrainOutputs", ["mlflow_run_id"])(result["mlflow_run_id"])

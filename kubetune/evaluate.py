@@ -1,0 +1,406 @@
+"""Base-vs-tuned evaluation: held-out loss/perplexity, batched greedy answers, chrF, and an HTML report.
+
+The base model is loaded once and the adapter attached on top; "base" numbers come from the same weights with
+the adapter switched off (``disable_adapter``), so a 7B model is held in GPU memory once, not twice.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+from kubetune.config import EvalConfig
+from kubetune.errors import KubetuneError
+from kubetune.storage import atomic_file
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+EVAL_COLUMNS = ("prompt", "completion", "input_ids", "completion_mask")
+# Auto sizes: loss batches in tokens (padded), generation batches in prompts.
+GPU_EVAL_BATCH_TOKENS = 16384
+CPU_EVAL_BATCH_TOKENS = 4096
+GPU_GENERATION_BATCH = 64
+CPU_GENERATION_BATCH = 16
+# Rows of hidden states turned into logits at once: bounds the vocab-sized float32 buffer (152k vocab → 2.5 GB).
+_LOGIT_CHUNK = 4096
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    rows: list[dict[str, str]]
+    report_path: str
+
+
+@dataclass
+class GenerationStats:
+    """What one :func:`generate_answers` call did."""
+
+    prompts: int
+    batches: int
+    generated_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _device(model):
+    return model.get_input_embeddings().weight.device
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def check_adapter_dir(adapter_dir: str) -> None:
+    """Fail with the fix when ``adapter_dir`` is not a saved PEFT adapter."""
+    path = Path(adapter_dir)
+    missing = [name for name in ADAPTER_FILES if not (path / name).is_file()]
+    if missing:
+        found = sorted(p.name for p in path.iterdir())[:20] if path.is_dir() else []
+        where = f"found: {', '.join(found) or 'nothing'}" if path.is_dir() else "the directory does not exist"
+        raise KubetuneError(
+            f"adapter directory {adapter_dir} has no {' / '.join(missing)} ({where})",
+            "point adapter_dir at the directory the training step wrote (PEFT save_pretrained with safetensors)",
+        )
+
+
+def load_eval_rows(eval_path: str):
+    """The prepared held-out set (a datasets.Dataset), checked for the columns evaluation needs."""
+    if not Path(eval_path).exists():
+        raise KubetuneError(f"eval dataset {eval_path} does not exist", "pass the eval parquet the prepare step wrote")
+    try:
+        from kubetune.data import load_prepared
+    except ImportError:  # the data module is optional for this step: the file format is plain parquet
+        load_prepared = None
+    if load_prepared is not None:
+        dataset = load_prepared(eval_path)
+    else:
+        from datasets import Dataset
+
+        dataset = Dataset.from_parquet(eval_path)
+    missing = [c for c in EVAL_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise KubetuneError(
+            f"eval dataset {eval_path} lacks columns {', '.join(missing)} (has {', '.join(dataset.column_names)})",
+            "pass the eval split written by the prepare step (prompt, completion, input_ids, completion_mask)",
+        )
+    if len(dataset) == 0:
+        raise KubetuneError(f"eval dataset {eval_path} has no rows", "raise eval_fraction or use a larger dataset")
+    return dataset
+
+
+def token_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+    """Row indices grouped so each padded batch (rows x longest row) fits ``batch_tokens``.
+
+    Rows are sorted longest first, so neighbours have similar lengths and little padding is computed; a row
+    longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        width = lengths[current[0]] if current else lengths[index]
+        if current and width * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(index)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _scoring_parts(model):
+    """The decoder stack and output head, so logits are computed only at completion positions.
+
+    A full forward would build [tokens, vocab] logits for every prompt token too (5 GB at 16k tokens and a
+    152k vocabulary); LoRA layers live inside these modules, so the adapter (or disable_adapter) still applies.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    head = base.get_output_embeddings()
+    if decoder is None or decoder is base or head is None or getattr(base.config, "logit_scale", None):
+        return None
+    return decoder, head, getattr(base.config, "final_logit_softcapping", None)
+
+
+def completion_loss(
+    model,
+    input_ids: Sequence[Sequence[int]],
+    completion_masks: Sequence[Sequence[int]],
+    batch_tokens: int,
+    pad_token_id: int,
+) -> tuple[float, int]:
+    """Summed cross-entropy over completion tokens and their count, batched by padded-token budget.
+
+    Token t is scored from position t-1 when ``completion_mask[t] == 1`` (the first token has no context).
+    Right padding: real tokens never attend to the pads after them, so padding does not change the result.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    device = _device(model)
+    parts = _scoring_parts(model)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for batch in token_batches([len(ids) for ids in input_ids], batch_tokens):
+            width = max(len(input_ids[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            scored = torch.zeros((len(batch), width), dtype=torch.bool)
+            for row, index in enumerate(batch):
+                n = len(input_ids[index])
+                ids[row, :n] = torch.tensor(input_ids[index], dtype=torch.long)
+                attention[row, :n] = 1
+                scored[row, :n] = torch.tensor(completion_masks[index], dtype=torch.bool)
+            ids, attention, scored = ids.to(device), attention.to(device), scored.to(device)
+            targets_mask = scored[:, 1:]
+            targets = ids[:, 1:][targets_mask]
+            if targets.numel() == 0:
+                continue
+            if parts is None:
+                logits = model(input_ids=ids, attention_mask=attention, use_cache=False).logits
+                hidden, head, softcap = logits[:, :-1][targets_mask], None, None
+            else:
+                decoder, head, softcap = parts
+                states = decoder(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+                hidden = states[:, :-1][targets_mask]
+            for start in range(0, hidden.shape[0], _LOGIT_CHUNK):
+                chunk = hidden[start : start + _LOGIT_CHUNK]
+                logits = (head(chunk) if head is not None else chunk).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                total += F.cross_entropy(logits, targets[start : start + _LOGIT_CHUNK], reduction="sum").item()
+            count += int(targets.numel())
+    return total, count
+
+
+def prompt_token_ids(input_ids: Sequence[int], completion_mask: Sequence[int]) -> list[int]:
+    """The prompt part of a prepared row: exactly the tokens the model saw in training before the answer."""
+    for position, flag in enumerate(completion_mask):
+        if flag:
+            return list(input_ids[:position])
+    return list(input_ids)
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a templated prompt; no second BOS when the template already wrote one."""
+    bos = tokenizer.bos_token
+    add_special = not (bos and prompt.startswith(bos))
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (configured, tokenizer.eos_token_id):
+        for token in value if isinstance(value, (list, tuple)) else [value]:
+            if token is not None and token not in ids:
+                ids.append(int(token))
+    return ids
+
+
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 0,
+    *,
+    min_new_tokens: int = 0,
+) -> tuple[list[str], GenerationStats]:
+    """Greedy answers for ``prompts`` (text or token ids), in their order, generated in left-padded batches.
+
+    Prompts are sorted by length before batching so a batch holds similar lengths (little padding); each batch
+    is one ``generate`` call with the KV cache. Only new tokens are decoded, up to the first EOS, without special
+    tokens. ``min_new_tokens`` exists for benchmarks, where random weights must produce equal lengths.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    encoded = [encode_prompt(tokenizer, p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    empty = [i for i, ids in enumerate(encoded) if not ids]
+    if empty:
+        raise KubetuneError(f"prompts {empty[:10]} are empty after tokenization", "drop empty prompts")
+    batch_size = batch_size or (GPU_GENERATION_BATCH if _cuda() else CPU_GENERATION_BATCH)
+    eos_ids = _eos_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    # Explicit greedy settings win over a hub generation_config that samples (R1 distills ship temperature 0.6).
+    generation_config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=50,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens or None,
+        use_cache=True,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+    )
+    device = _device(model)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    answers = [""] * len(encoded)
+    generated = batches = 0
+    was_training = model.training
+    model.eval()
+    _synchronize()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(order), batch_size):
+            batch = order[first : first + batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, index in enumerate(batch):
+                n = len(encoded[index])
+                ids[row, width - n :] = torch.tensor(encoded[index], dtype=torch.long)
+                attention[row, width - n :] = 1
+            output = model.generate(
+                input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=generation_config
+            )
+            batches += 1
+            for row, index in enumerate(batch):
+                new = output[row, width:].tolist()
+                stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
+                answer = new if stop is None else new[:stop]
+                generated += len(new) if stop is None else stop + 1  # the EOS was generated too
+                answers[index] = tokenizer.decode(answer, skip_special_tokens=True)
+    _synchronize()
+    seconds = time.perf_counter() - started
+    if was_training:
+        model.train()
+    return answers, GenerationStats(len(encoded), batches, generated, seconds)
+
+
+def chrf_score(hypotheses: Sequence[str], references: Sequence[str]) -> float:
+    """Corpus chrF (character n-gram F-score, 0-100): no word segmentation, so it works for Chinese too."""
+    from sacrebleu.metrics import CHRF
+
+    return float(CHRF().corpus_score(list(hypotheses), [list(references)]).score)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def evaluate_adapter(
+    model_dir: str,
+    adapter_dir: str,
+    eval_path: str,
+    report_path: str,
+    config: EvalConfig,
+    *,
+    probe_prompts: Sequence[tuple[str, str]] = (),
+    trust_remote_code: bool = False,
+    title: str = "kubetune evaluation",
+) -> EvalResult:
+    """Compare the base model with base + LoRA adapter on the held-out set and on probe questions.
+
+    ``probe_prompts`` are (question as the user wrote it, templated prompt) pairs. Writes a self-contained
+    HTML report to ``report_path`` (atomically) and returns metrics prefixed ``base_`` / ``tuned_``.
+    """
+    import torch
+    from peft import PeftModel
+
+    from kubetune.modeling import load_model, load_tokenizer
+    from kubetune.report import render_report
+
+    config.validate()
+    check_adapter_dir(adapter_dir)
+    dataset = load_eval_rows(eval_path)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    model = load_model(model_dir, attention="sdpa", trust_remote_code=trust_remote_code)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise KubetuneError(
+            f"adapter {adapter_dir} does not fit base model {model_dir}: {str(exc).splitlines()[0][:300]}",
+            "evaluate the adapter against the base model it was trained on",
+        ) from exc
+    model.eval()
+
+    input_ids = dataset["input_ids"]
+    masks = dataset["completion_mask"]
+    batch_tokens = config.eval_batch_tokens or (GPU_EVAL_BATCH_TOKENS if _cuda() else CPU_EVAL_BATCH_TOKENS)
+    limit = config.max_generation_samples or len(dataset)
+    generated_rows = list(range(min(limit, len(dataset))))
+    prompts: list[str | list[int]] = [prompt_token_ids(input_ids[i], masks[i]) for i in generated_rows]
+    prompts += [templated for _, templated in probe_prompts]
+    references = [dataset[i]["completion"] for i in generated_rows]
+
+    pad_id = tokenizer.pad_token_id
+    metrics: dict[str, float] = {"eval_rows": float(len(dataset))}
+    answers: dict[str, list[str]] = {}
+    tokens = seconds = 0.0
+    for name in ("base", "tuned"):
+        # The same weights serve both: the adapter is bypassed for "base".
+        with model.disable_adapter() if name == "base" else nullcontext():
+            total, count = completion_loss(model, input_ids, masks, batch_tokens, pad_id)
+            answers[name], stats = generate_answers(
+                model, tokenizer, prompts, config.max_new_tokens, config.generation_batch_size
+            )
+        loss = total / count if count else math.nan
+        metrics[f"{name}_eval_loss"] = loss
+        metrics[f"{name}_perplexity"] = _perplexity(loss)
+        metrics[f"{name}_chrf"] = chrf_score(answers[name][: len(generated_rows)], references)
+        metrics[f"{name}_generation_tokens_per_second"] = stats.tokens_per_second
+        tokens += stats.generated_tokens
+        seconds += stats.seconds
+    metrics["eval_completion_tokens"] = float(count)
+    metrics["generation_rows"] = float(len(generated_rows))
+    metrics["probe_rows"] = float(len(probe_prompts))
+    metrics["generation_tokens_per_second"] = tokens / seconds if seconds > 0 else 0.0
+    metrics["loss_reduction"] = metrics["base_eval_loss"] - metrics["tuned_eval_loss"]
+    metrics["chrf_gain"] = metrics["tuned_chrf"] - metrics["base_chrf"]
+
+    rows: list[dict[str, str]] = []
+    for k, i in enumerate(generated_rows):
+        rows.append(
+            {
+                "kind": "held-out",
+                "prompt": dataset[i]["prompt"],
+                "reference": references[k],
+                "base_answer": answers["base"][k],
+                "tuned_answer": answers["tuned"][k],
+            }
+        )
+    for k, (question, _) in enumerate(probe_prompts, start=len(generated_rows)):
+        rows.append(
+            {
+                "kind": "probe",
+                "prompt": question,
+                "reference": "",
+                "base_answer": answers["base"][k],
+                "tuned_answer": answers["tuned"][k],
+            }
+        )
+
+    meta = {
+        "Base model": model_dir,
+        "Adapter": adapter_dir,
+        "Eval data": f"{eval_path} ({len(dataset)} rows, {count} completion tokens scored)",
+        "Device": torch.cuda.get_device_name() if _cuda() else "cpu",
+        "Generation": f"greedy, max_new_tokens={config.max_new_tokens}, KV cache, left-padded batches",
+        "Date (UTC)": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    }
+    html_text = render_report(title, metrics, rows, meta)
+    with atomic_file(report_path) as staging:
+        Path(staging).write_text(html_text, encoding="utf-8")
+    del model
+    return EvalResult(metrics=metrics, rows=rows, report_path=str(report_path))
+

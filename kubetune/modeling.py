@@ -1,0 +1,242 @@
+"""Resolve, load and quantize base models; load the 4-bit model back for training and evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.config import QuantConfig, to_dict
+from kubetune.errors import KubetuneError
+from kubetune.storage import atomic_dir
+
+WEIGHT_SUFFIXES = (".safetensors",)
+METADATA_FILE = "kubetune_model.json"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a base model comes from: a local directory, or a hub id with a revision."""
+
+    location: str
+    is_local: bool
+    revision: str | None = None
+
+    def describe(self) -> str:
+        if self.is_local:
+            return self.location
+        return f"{self.location}@{self.revision or 'main'}"
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or os.sep in source.strip("/").split("/", 2)[-1]
+
+
+def resolve_model_source(source: str, revision: str | None = None) -> ModelSource:
+    """Classify ``source`` as a local directory or a hub id, and check a local one holds safetensors weights."""
+    source = source.strip()
+    if not source:
+        raise KubetuneError("base_model is empty", "pass a local model directory or a hub id such as Qwen/Qwen2.5-7B")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise KubetuneError(
+                f"base model path {source} is a file, not a model directory",
+                "pass the directory that holds config.json and the *.safetensors weights",
+            )
+        if not (path / "config.json").is_file():
+            raise KubetuneError(
+                f"model directory {source} has no config.json",
+                "point base_model at a directory written by save_pretrained (config.json + *.safetensors)",
+            )
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+            found = sorted(p.name for p in path.iterdir())[:20]
+            raise KubetuneError(
+                f"model directory {source} holds no *.safetensors weights (found: {', '.join(found) or 'nothing'})",
+                "save the model with save_pretrained(safe_serialization=True); pickled .bin weights are not loaded "
+                "for safety",
+            )
+        return ModelSource(str(path.resolve()), is_local=True)
+    # "org/name" (one slash, no leading dot or slash) is a hub id; anything else path-like is a missing directory.
+    parts = source.split("/")
+    if source.startswith((".", "/", "~")) or len(parts) > 2 or any(not p for p in parts):
+        raise KubetuneError(
+            f"base model path {source} does not exist",
+            "check the path (on a cluster: that the volume holding it is mounted), or pass a hub id like org/name",
+        )
+    return ModelSource(source, is_local=False, revision=revision or None)
+
+
+def content_hash(directory: str | Path) -> str:
+    """sha256 over the names and bytes of the files that define a model (config, tokenizer, weights)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and path.name != METADATA_FILE:
+            digest.update(str(path.relative_to(directory)).encode())
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pick_compute_dtype(requested: str = "auto"):
+    """bfloat16 where the hardware runs it natively (Ampere+ GPUs, CPUs), float16 on older GPUs."""
+    import torch
+
+    if requested != "auto":
+        return getattr(torch, requested)
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def bnb_config(quant: QuantConfig):
+    """The BitsAndBytesConfig for ``quant``, or None for plain (unquantized) LoRA."""
+    if quant.quantization == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quantization,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=pick_compute_dtype(quant.compute_dtype),
+        bnb_4bit_quant_storage="uint8",
+    )
+
+
+def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """Load a tokenizer from a local directory or hub id; make sure it has a pad token for batching."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_model_source(source, revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            resolved.location, revision=resolved.revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise KubetuneError(
+            f"could not load a tokenizer from {resolved.describe()}: {str(exc).splitlines()[0]}",
+            "check the model id and revision, network access to the hub (HF_TOKEN for gated models), "
+            "or point base_model at a local directory with tokenizer files",
+        ) from exc
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _device_map() -> dict[str, Any]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
+    return {"": "cpu"}
+
+
+def quantize_model(
+    source: str,
+    output_dir: str,
+    quant: QuantConfig,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Load ``source`` (4-bit with bitsandbytes unless quantization is none) and save it with its tokenizer.
+
+    Runs on a CPU node as well as a GPU node. The directory is written under a temporary name and moved into
+    place when complete. Returns the metadata also written to ``output_dir/kubetune_model.json``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quant.validate()
+    resolved = resolve_model_source(source, revision)
+    tokenizer = load_tokenizer(source, revision=revision, trust_remote_code=trust_remote_code)
+    started = time.time()
+    quantization_config = bnb_config(quant)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.location,
+            revision=resolved.revision,
+            dtype=pick_compute_dtype(quant.compute_dtype),
+            quantization_config=quantization_config,
+            device_map=_device_map(),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            low_cpu_mem_usage=True,
+        )
+    except OSError as exc:
+        raise KubetuneError(
+            f"could not load model weights from {resolved.describe()}: {str(exc).splitlines()[0]}",
+            "check the model id/revision and hub access, or that the directory holds *.safetensors weights",
+        ) from exc
+    commit = getattr(model.config, "_commit_hash", None)
+    metadata: dict[str, Any] = {
+        "source": resolved.location,
+        "source_is_local": resolved.is_local,
+        "revision": resolved.revision or "",
+        "resolved_commit": commit or "",
+        "architecture": (model.config.architectures or [type(model).__name__])[0],
+        "model_type": model.config.model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "quantized_on": "cuda" if torch.cuda.is_available() else "cpu",
+        **{f"quant_{k}": v for k, v in to_dict(quant).items()},
+        "compute_dtype_resolved": str(pick_compute_dtype(quant.compute_dtype)).removeprefix("torch."),
+        "load_seconds": round(time.time() - started, 2),
+    }
+    if resolved.is_local:
+        metadata["source_sha256"] = content_hash(resolved.location)
+    with atomic_dir(output_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        metadata["output_sha256"] = content_hash(staging)
+        (Path(staging) / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+    del model
+    return metadata
+
+
+def read_model_metadata(model_dir: str | Path) -> dict[str, Any]:
+    """Metadata written by :func:`quantize_model`; empty for a plain model directory."""
+    path = Path(model_dir) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_model(
+    model_dir: str,
+    *,
+    attention: str = "sdpa",
+    compute_dtype: str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a model saved by :func:`quantize_model` (pre-quantized 4-bit or plain) onto this process's device."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    resolved = resolve_model_source(model_dir)
+    dtype = pick_compute_dtype(compute_dtype)
+    config = AutoConfig.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
+    saved = getattr(config, "quantization_config", None)
+    if saved:
+        # A pre-quantized checkpoint keeps its 4-bit layout; only the compute dtype follows this machine.
+        saved = saved if isinstance(saved, dict) else saved.to_dict()
+        config.quantization_config = {**saved, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")}
+    return AutoModelForCausalLM.from_pretrained(
+        resolved.location,
+        dtype=dtype,
+        attn_implementation=attention,
+        device_map=_device_map(),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        config=config,
+    )
+
+
+def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
+    """Copy tokenizer files (not weights) from one model directory to another."""
+    for path in Path(src_dir).iterdir():
+        if path.is_file() and ("token" in path.name or path.name in {"special_tokens_map.json", "chat_template.jinja"}):
+            shutil.copy2(path, Path(dst_dir) / path.name)

@@ -1,0 +1,371 @@
+"""LoRA SFT with TRL on a (4-bit) base model: packed, per-sample-isolated, resumable.
+
+Speed settings are decided once, from the hardware, by :func:`plan_speed`; the plan is logged so every run says
+what it did and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kubetune.config import ALL_LINEAR, LoraSettings, TrainConfig, to_dict
+from kubetune.errors import KubetuneError
+from kubetune.storage import atomic_dir
+
+ADAPTER_METADATA_FILE = "kubetune_adapter.json"
+MetricsSink = Callable[[dict[str, float], int], None]
+
+# Bytes of saved activations per token per decoder layer without checkpointing, in units of hidden and
+# intermediate size (bf16, LoRA on all linear layers, fused norms/SwiGLU); calibrated on an H100 with a 7B shape.
+_ACT_HIDDEN_FACTOR = 26
+_ACT_INTERMEDIATE_FACTOR = 8
+
+
+@dataclass
+class SpeedPlan:
+    """How a run uses the hardware; decided by :func:`plan_speed`."""
+
+    attention: str
+    gradient_checkpointing: bool
+    batch_tokens: int
+    per_device_batch: int
+    optimizer: str
+    liger: bool
+    bf16: bool
+    reasons: list[str] = field(default_factory=list)
+
+
+def linear_module_names(model) -> list[str]:
+    """Leaf names of the model's linear layers (4-bit ones included), the candidates for LoRA targets."""
+    import torch
+
+    names: set[str] = set()
+    output = model.get_output_embeddings()
+    for name, module in model.named_modules():
+        if module is output:
+            continue
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ in {"Linear4bit", "Linear8bitLt"}:
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model, lora: LoraSettings) -> list[str] | str:
+    """Fail with the candidate names when a requested LoRA target matches no module."""
+    targets = lora.target_list()
+    if targets == ALL_LINEAR:
+        return targets
+    candidates = linear_module_names(model)
+    missing = [t for t in targets if t not in candidates]
+    if missing:
+        raise KubetuneError(
+            f"target_modules {', '.join(missing)} match no linear layer of this model",
+            f"use {ALL_LINEAR} or some of: {', '.join(candidates)}",
+        )
+    return targets
+
+
+def _activation_bytes_per_token(model_config, checkpointing: bool) -> float:
+    hidden = model_config.hidden_size
+    inter = getattr(model_config, "intermediate_size", 4 * hidden)
+    layers = model_config.num_hidden_layers
+    per_layer = 2 * (_ACT_HIDDEN_FACTOR * hidden + _ACT_INTERMEDIATE_FACTOR * inter) / 2
+    if checkpointing:  # one layer input kept per layer, one layer's activations alive during recompute
+        return 2 * hidden * layers + per_layer
+    return per_layer * layers
+
+
+def plan_speed(
+    train: TrainConfig, max_length: int, model_config, *, weights_bytes: int = 0, free_bytes: int | None = None
+) -> SpeedPlan:
+    """Pick attention, checkpointing, packed batch size, optimizer and kernels for this hardware.
+
+    Called before the model is loaded: ``weights_bytes`` (the size of its weights on disk) is subtracted from
+    the free GPU memory.
+    """
+    import torch
+
+    cuda = torch.cuda.is_available()
+    reasons: list[str] = []
+    attention = train.attention
+    if attention == "auto":
+        # Packed rows hold many short samples: varlen attention costs O(sum of L^2), a masked full-row kernel
+        # O((sum of L)^2). On CUDA it is FlashAttention; on the CPU a per-sample SDPA loop.
+        attention = "kubetune_varlen" if train.packing else "sdpa"
+        reasons.append(f"attention={attention}")
+    elif attention == "varlen":
+        attention = "kubetune_varlen"
+    if attention == "kubetune_varlen" and not train.packing:
+        raise KubetuneError("attention=varlen needs packing=true", "enable packing or choose attention=sdpa")
+    bf16 = (not cuda) or torch.cuda.is_bf16_supported()
+
+    liger = False
+    if train.fused_kernels and cuda:
+        try:
+            import liger_kernel  # noqa: F401
+
+            liger = True
+        except ImportError:
+            reasons.append("fused kernels off: liger-kernel is not installed (pip install kubetune[fast])")
+
+    if train.lean:
+        checkpointing = train.gradient_checkpointing != "off"
+        batch_tokens = train.batch_tokens or 2 * max_length
+        optimizer = "adamw_8bit" if train.optimizer == "auto" and cuda else train.optimizer
+        reasons.append("lean mode: checkpointing, small packed batches, 8-bit optimizer")
+    else:
+        optimizer = train.optimizer
+        if optimizer == "auto":
+            optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
+        if cuda:
+            if free_bytes is None:
+                free_bytes = torch.cuda.mem_get_info()[0]
+            # Leave room for allocator fragmentation, LoRA weights, optimizer state and dequantized weights.
+            budget = 0.80 * (free_bytes - weights_bytes) - 2.0 * 2**30
+            no_ckpt = _activation_bytes_per_token(model_config, checkpointing=False)
+            fits = int(budget // no_ckpt)
+            if train.gradient_checkpointing == "on":
+                checkpointing = True
+            elif train.gradient_checkpointing == "off":
+                checkpointing = False
+            else:
+                checkpointing = fits < max_length
+                reasons.append(
+                    f"checkpointing {'on' if checkpointing else 'off'}: {free_bytes / 2**30:.1f} GiB free holds "
+                    f"{max(fits, 0)} tokens of activations without it"
+                )
+            if train.batch_tokens:
+                batch_tokens = train.batch_tokens
+            else:
+                per_token = _activation_bytes_per_token(model_config, checkpointing)
+                batch_tokens = max(max_length, min(int(budget // per_token), 16 * max_length, 32768))
+                reasons.append(f"batch_tokens={batch_tokens} sized from free GPU memory")
+        else:
+            checkpointing = train.gradient_checkpointing == "on"
+            batch_tokens = train.batch_tokens or 8 * max_length
+    per_device_batch = max(1, batch_tokens // max_length) if train.packing else max(1, batch_tokens // max_length)
+    return SpeedPlan(
+        attention=attention,
+        gradient_checkpointing=checkpointing,
+        batch_tokens=per_device_batch * max_length,
+        per_device_batch=per_device_batch,
+        optimizer=optimizer,
+        liger=liger,
+        bf16=bf16,
+        reasons=reasons,
+    )
+
+
+def last_complete_checkpoint(checkpoint_dir: str) -> str | None:
+    """The newest ``checkpoint-N`` that was fully written (a kill during a save leaves an incomplete one)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return None
+    candidates = []
+    for path in root.glob("checkpoint-*"):
+        suffix = path.name.removeprefix("checkpoint-")
+        required = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
+        if suffix.isdigit() and all((path / name).is_file() for name in required):
+            candidates.append((int(suffix), path))
+    return str(max(candidates)[1]) if candidates else None
+
+
+def _step_callback(sink: MetricsSink | None, started: list[float]):
+    import torch
+    from transformers import TrainerCallback
+
+    class StepMetrics(TrainerCallback):
+        """Adds throughput to every log and forwards it to the sink (MLflow), rank 0 only."""
+
+        def __init__(self) -> None:
+            self.last_time = None
+            self.last_tokens = 0
+            self.rows: list[dict[str, float]] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            started[0] = time.time()
+            self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs:
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                logs["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            now = time.time()
+            tokens = state.num_input_tokens_seen
+            if tokens and now > self.last_time and tokens > self.last_tokens:
+                logs["tokens_per_second"] = (tokens - self.last_tokens) / (now - self.last_time)
+            logs["tokens_seen"] = tokens
+            self.last_time, self.last_tokens = now, tokens
+            numeric = {k: float(v) for k, v in logs.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            self.rows.append({"step": state.global_step, **numeric})
+            if sink is not None:
+                sink(numeric, state.global_step)
+
+    return StepMetrics()
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    metrics: dict[str, float]
+    plan: SpeedPlan
+    resumed_from_step: int
+    history: list[dict[str, float]]
+
+
+def train_lora(
+    model_dir: str,
+    train_path: str,
+    adapter_dir: str,
+    *,
+    lora: LoraSettings,
+    train: TrainConfig,
+    max_length: int,
+    checkpoint_dir: str,
+    metrics_sink: MetricsSink | None = None,
+    extra_callbacks: list | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on the prepared dataset and save it (safetensors) with the tokenizer.
+
+    Checkpoints go to ``checkpoint_dir``; when a complete checkpoint is there, training resumes from it.
+    The adapter directory appears only once it is complete.
+    """
+    import torch
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from kubetune import attention as varlen
+    from kubetune.data import load_prepared
+    from kubetune.modeling import load_model, load_tokenizer, read_model_metadata
+
+    lora.validate()
+    train.validate()
+    model_meta = read_model_metadata(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=train.trust_remote_code)
+
+    from transformers import AutoConfig
+
+    weights_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)
+    plan = plan_speed(train, max_length, model_config, weights_bytes=weights_bytes)
+    if plan.attention == varlen.NAME:
+        varlen.register()
+    model = load_model(model_dir, attention=plan.attention, trust_remote_code=train.trust_remote_code)
+    model.config.use_cache = False
+    targets = check_target_modules(model, lora)
+    dataset = load_prepared(train_path).select_columns(["input_ids", "completion_mask"])
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = SFTConfig(
+        output_dir=checkpoint_dir,
+        max_length=max_length,
+        packing=train.packing,
+        packing_strategy="bfd",
+        padding_free=train.packing,
+        completion_only_loss=True,
+        per_device_train_batch_size=plan.per_device_batch,
+        gradient_accumulation_steps=train.gradient_accumulation,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        num_train_epochs=train.num_epochs,
+        max_steps=train.max_steps or -1,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=plan.optimizer,
+        bf16=plan.bf16 and torch.cuda.is_available(),
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=plan.liger,
+        logging_steps=train.logging_steps,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        save_total_limit=train.save_total_limit,
+        save_only_model=False,
+        seed=train.seed,
+        data_seed=train.seed,
+        report_to="none",
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=2 if torch.cuda.is_available() else 0,
+        dataset_num_proc=None,
+        ddp_find_unused_parameters=False if world > 1 else None,
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(
+        r=lora.lora_r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    started = [time.time()]
+    step_metrics = _step_callback(metrics_sink, started)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[step_metrics, *(extra_callbacks or [])],
+    )
+    resume = last_complete_checkpoint(checkpoint_dir)
+    resumed_from_step = int(resume.rsplit("-", 1)[-1]) if resume else 0
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    output = trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.time() - started[0]
+    state = trainer.state
+    metrics = {
+        "train_loss": float(output.training_loss),
+        "train_runtime_s": round(elapsed, 2),
+        "global_step": state.global_step,
+        "epochs": float(state.epoch or 0),
+        "tokens_seen": float(state.num_input_tokens_seen),
+        "tokens_per_second": float(state.num_input_tokens_seen) / max(elapsed, 1e-9),
+        "resumed_from_step": resumed_from_step,
+        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    losses = [row["loss"] for row in step_metrics.rows if "loss" in row]
+    if losses:
+        metrics["first_logged_loss"], metrics["final_logged_loss"] = losses[0], losses[-1]
+    if torch.cuda.is_available():
+        metrics["gpu_peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+
+    if trainer.is_world_process_zero():
+        with atomic_dir(adapter_dir) as staging:
+            trainer.model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            (Path(staging) / ADAPTER_METADATA_FILE).write_text(
+                json.dumps(
+                    {
+                        "base_model": model_meta.get("source", model_dir),
+                        "base_model_revision": model_meta.get("revision", ""),
+                        "base_model_sha256": model_meta.get("source_sha256", ""),
+                        "quantization": model_meta.get("quant_quantization", "unknown"),
+                        "double_quant": model_meta.get("quant_double_quant", False),
+                        "lora": to_dict(lora),
+                        "train": to_dict(train),
+                        "max_length": max_length,
+                        "speed_plan": asdict(plan),
+                        "metrics": metrics,
+                    },
+                    indent=2,
+                    default=str,
+                )
+            )
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        metrics=metrics,
+        plan=plan,
+        resumed_from_step=resumed_from_step,
+        history=step_metrics.rows,
+    )

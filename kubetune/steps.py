@@ -1,0 +1,186 @@
+"""The four pipeline steps as plain functions over paths and settings.
+
+KFP components, the ``kubetune`` step commands (for plain Argo) and tests all call these, so there is one
+implementation of each step. Cacheable steps (prepare, quantize) put what they learn in their outputs'
+metadata; the tracked steps (train, evaluate) copy it into the pipeline run's one MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune import __version__
+from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig, to_dict
+from kubetune.tracking import KFP_RUN_NAME_TAG, PIPELINE_VERSION_TAG, Tracker, resolve_tracking_uri
+
+log = logging.getLogger("kubetune")
+
+
+def parse_columns(columns: str) -> dict[str, str]:
+    """``"instruction=question,output=answer"`` → DataConfig column fields."""
+    from kubetune.errors import KubetuneError
+
+    mapping: dict[str, str] = {}
+    valid = ("instruction", "input", "output", "messages", "prompt", "completion")
+    for item in filter(None, (part.strip() for part in columns.split(","))):
+        role, sep, column = item.partition("=")
+        if not sep or role.strip() not in valid or not column.strip():
+            raise KubetuneError(
+                f"columns entry {item!r} is not ROLE=COLUMN with ROLE one of {', '.join(valid)}",
+                "write e.g. columns=instruction=question,output=answer",
+            )
+        mapping[f"{role.strip()}_column"] = column.strip()
+    return mapping
+
+
+def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str, *, revision: str = "",
+            trust_remote_code: bool = False) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Dataset prep. Returns (stats, Markdown summary, metadata for the dataset artifacts)."""
+    from kubetune.data import prepare_dataset
+    from kubetune.modeling import load_tokenizer
+
+    config.validate()
+    tokenizer = load_tokenizer(base_model, revision=revision or None, trust_remote_code=trust_remote_code)
+    result = prepare_dataset(config, tokenizer, train_path, eval_path)
+    metadata = {
+        "dataset": config.dataset,
+        "prompt_style": config.prompt_style,
+        "persona": config.persona,
+        "max_length": config.max_length,
+        "tokenizer": base_model,
+        **{f"stat_{k}": v for k, v in result.stats.items()},
+    }
+    return result.stats, result.summary_markdown, metadata
+
+
+def quantize(base_model: str, output_dir: str, quant: QuantConfig, *, revision: str = "",
+             trust_remote_code: bool = False) -> dict[str, Any]:
+    """4-bit model load and save. Returns the model artifact's metadata."""
+    from kubetune.modeling import quantize_model
+
+    return quantize_model(base_model, output_dir, quant, revision=revision or None, trust_remote_code=trust_remote_code)
+
+
+@dataclass
+class Tracking:
+    """Where and under which names a step logs to MLflow."""
+
+    tracking_uri: str = ""
+    experiment: str = "kubetune"
+    run_id: str = ""
+    kfp_run_id: str = ""
+    kfp_run_name: str = ""
+
+    def tracker(self) -> Tracker:
+        return Tracker(resolve_tracking_uri(self.tracking_uri), self.experiment or "kubetune", run_id=self.run_id)
+
+    def open_kwargs(self) -> dict[str, Any]:
+        return {
+            "run_name": self.kfp_run_name,
+            "kfp_run_id": self.kfp_run_id,
+            "tags": {KFP_RUN_NAME_TAG: self.kfp_run_name, PIPELINE_VERSION_TAG: __version__},
+        }
+
+
+def train(model_dir: str, train_path: str, adapter_dir: str, *, lora: LoraSettings, train_config: TrainConfig,
+          max_length: int, checkpoint_dir: str, tracking: Tracking, model_metadata: dict[str, Any] | None = None,
+          data_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """LoRA SFT, logged to MLflow. Returns metrics plus ``mlflow_run_id``/``mlflow_run_url``/``tracking_report``."""
+    import torch
+
+    from kubetune.sft import train_lora
+
+    is_rank_zero = int(__import__("os").environ.get("RANK", "0")) == 0
+    tracker = tracking.tracker()
+    if is_rank_zero:
+        tracker.try_open(**tracking.open_kwargs())
+        model_metadata = model_metadata or {}
+        data_metadata = data_metadata or {}
+        tracker.log_params(
+            {
+                "data": {k: v for k, v in data_metadata.items() if not k.startswith("stat_")},
+                "model": {k: v for k, v in model_metadata.items() if k not in {"load_seconds", "output_sha256"}},
+                "lora": to_dict(lora),
+                "train": {**to_dict(train_config), "max_length": max_length},
+            }
+        )
+        tracker.log_metrics({k[5:]: v for k, v in data_metadata.items() if k.startswith("stat_")}, prefix="data.")
+        tracker.set_tags(
+            {
+                "kubetune.base_model": model_metadata.get("source", ""),
+                "kubetune.base_model_revision": model_metadata.get("revision", ""),
+                "kubetune.quantization": model_metadata.get("quant_quantization", ""),
+                "kubetune.dataset": data_metadata.get("dataset", ""),
+                "kubetune.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            }
+        )
+    result = train_lora(
+        model_dir,
+        train_path,
+        adapter_dir,
+        lora=lora,
+        train=train_config,
+        max_length=max_length,
+        checkpoint_dir=checkpoint_dir,
+        metrics_sink=(lambda metrics, step: tracker.log_metrics(metrics, step, prefix="train.")) if is_rank_zero else None,
+    )
+    report = ""
+    if is_rank_zero:
+        tracker.log_params({"speed": {k: v for k, v in to_dict(result.plan).items()}})
+        tracker.log_metrics(result.metrics, prefix="sft.")
+        tracker.log_artifact(adapter_dir, "adapter")
+        report = tracker.finish(timeout_s=120, **tracking.open_kwargs())
+        if report:
+            log.error(report)
+    return {
+        **result.metrics,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_run_url": tracker.run_url,
+        "tracking_uri": tracker.tracking_uri,
+        "tracking_report": report,
+    }
+
+
+def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str, config: EvalConfig, *,
+             tracking: Tracking, prompt_style: str = "expert", persona: str = "",
+             trust_remote_code: bool = False) -> dict[str, Any]:
+    """Base vs tuned evaluation with the HTML report, logged to the same MLflow run as training."""
+    from kubetune.data import build_prompt
+    from kubetune.evaluate import evaluate_adapter
+    from kubetune.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
+    probes = [
+        (question, build_prompt(question, "", prompt_style=prompt_style, persona=persona, tokenizer=tokenizer))
+        for question in config.probe_questions
+        if question.strip()
+    ]
+    result = evaluate_adapter(
+        model_dir, adapter_dir, eval_path, report_path, config, probe_prompts=probes,
+        trust_remote_code=trust_remote_code,
+    )
+    tracker = tracking.tracker()
+    tracker.try_open(**tracking.open_kwargs())
+    tracker.log_params({"eval": {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v
+                                 for k, v in to_dict(config).items()}})
+    tracker.log_metrics(result.metrics, prefix="eval.")
+    tracker.log_table(result.rows, "eval/answers.json")
+    tracker.log_artifact(report_path, "eval")
+    report = tracker.finish(status="FINISHED", timeout_s=120, **tracking.open_kwargs())
+    if report:
+        log.error(report)
+    return {
+        **result.metrics,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_run_url": tracker.run_url,
+        "tracking_report": report,
+    }
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,0 +1,5 @@
+"""The kubetune pipeline and its placement helper."""
+
+from kubetune.pipelines.finetune import PipelineOptions, compile_pipeline, finetune_pipeline, make_pipeline
+
+__all__ = ["PipelineOptions", "compile_pipeline", "finetune_pipeline", "make_pipeline"]

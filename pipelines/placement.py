@@ -1,0 +1,126 @@
+"""The one GPU-placement helper: resources, accelerator, node selector, tolerations and /dev/shm per step.
+
+Profiles live in ``profiles.yaml`` beside this file; CLI flags override single fields. kfp.local ignores all of
+this, so tests assert it on the compiled YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from kubetune.errors import KubetuneError
+
+STEPS = ("prepare_dataset", "quantize_model", "train_lora", "evaluate_model")
+GPU_STEPS = ("train_lora", "evaluate_model")
+
+
+@dataclass
+class StepPlacement:
+    """Where one step runs and what it may use."""
+
+    cpu: str = ""
+    memory: str = ""
+    cpu_limit: str = ""
+    memory_limit: str = ""
+    accelerator: str = ""
+    accelerator_count: int = 0
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    shm_size: str = ""
+    timeout_s: int = 0
+
+    @property
+    def uses_gpu(self) -> bool:
+        return bool(self.accelerator) and self.accelerator_count > 0
+
+
+@dataclass
+class Profile:
+    name: str
+    description: str
+    steps: dict[str, StepPlacement]
+
+
+def _load_raw() -> dict[str, Any]:
+    import yaml
+
+    text = resources.files("kubetune.pipelines").joinpath("profiles.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def profile_names() -> list[str]:
+    return sorted(_load_raw())
+
+
+def load_profile(name: str = "default") -> Profile:
+    raw = _load_raw()
+    if name not in raw:
+        raise KubetuneError(f"placement profile {name!r} is unknown", f"use one of: {', '.join(sorted(raw))}")
+    known = {f.name for f in dataclasses.fields(StepPlacement)}
+    steps: dict[str, StepPlacement] = {}
+    for step in STEPS:
+        values = raw[name]["steps"].get(step, {})
+        unknown = set(values) - known
+        if unknown:
+            raise KubetuneError(
+                f"profile {name!r} step {step} has unknown fields {sorted(unknown)}", f"use only {sorted(known)}"
+            )
+        steps[step] = StepPlacement(**values)
+    return Profile(name, raw[name].get("description", ""), steps)
+
+
+def override(profile: Profile, *, gpu_type: str = "", gpu_count: int = 0, node_selector: dict[str, str] | None = None,
+             tolerations: list[dict[str, Any]] | None = None) -> Profile:
+    """Apply CLI overrides to the GPU steps of a profile."""
+    for step in GPU_STEPS:
+        placement = profile.steps[step]
+        if gpu_type:
+            placement.accelerator = gpu_type
+        if gpu_count:
+            placement.accelerator_count = gpu_count
+        if node_selector:
+            placement.node_selector = {**placement.node_selector, **node_selector}
+        if tolerations:
+            placement.tolerations = [*placement.tolerations, *tolerations]
+    return profile
+
+
+def apply_placement(task, placement: StepPlacement, *, gpu_node_selector=None):
+    """Set resources and scheduling on a KFP task. ``gpu_node_selector`` is a pipeline parameter (a dict) that
+    overrides the GPU node selector at run time when non-empty."""
+    from kfp import kubernetes
+
+    if placement.cpu:
+        task.set_cpu_request(placement.cpu)
+    if placement.memory:
+        task.set_memory_request(placement.memory)
+    if placement.cpu_limit:
+        task.set_cpu_limit(placement.cpu_limit)
+    if placement.memory_limit:
+        task.set_memory_limit(placement.memory_limit)
+    if placement.uses_gpu:
+        task.set_accelerator_type(placement.accelerator)
+        task.set_accelerator_limit(placement.accelerator_count)
+        if gpu_node_selector is not None:
+            kubernetes.add_node_selector_json(task, gpu_node_selector)
+    for key, value in placement.node_selector.items():
+        kubernetes.add_node_selector(task, key, value)
+    for toleration in placement.tolerations:
+        kubernetes.add_toleration(
+            task,
+            key=toleration.get("key"),
+            operator=toleration.get("operator"),
+            value=toleration.get("value"),
+            effect=toleration.get("effect"),
+            toleration_seconds=toleration.get("toleration_seconds"),
+        )
+    if placement.shm_size:
+        # PyTorch data loaders and NCCL use /dev/shm; the container default (64 MiB) is far too small.
+        kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
+                                   size_limit=placement.shm_size)
+    if placement.timeout_s:
+        kubernetes.set_timeout(task, placement.timeout_s)
+    return task
