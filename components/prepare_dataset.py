@@ -3,7 +3,6 @@
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Metrics, Output
 
-from kubetune.config import DEFAULT_PERSONA, SAMPLE_DATASET
 from kubetune.containers.images import CPU_IMAGE
 
 
@@ -13,13 +12,13 @@ def prepare_dataset(
     eval_data: Output[Dataset],
     stats: Output[Metrics],
     summary: Output[Markdown],
-    dataset: str = SAMPLE_DATASET,
+    dataset: str = "kubetune://tcm-demo",
     base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
     model_revision: str = "",
     dataset_format: str = "auto",
     columns: str = "",
     prompt_style: str = "expert",
-    persona: str = DEFAULT_PERSONA,
+    persona: str = "",
     max_length: int = 2048,
     length_policy: str = "truncate",
     max_samples: int = 0,
@@ -40,7 +39,7 @@ def prepare_dataset(
         dataset_format: alpaca, chat, prompt_completion, or auto to detect from the columns.
         columns: Explicit column mapping, e.g. instruction=question,output=answer.
         prompt_style: expert (persona + instruction/response template) or chat (tokenizer chat template).
-        persona: The expert persona placed at the top of every prompt.
+        persona: The expert persona placed at the top of every prompt; empty = the built-in TCM expert.
         max_length: Maximum tokens per sample.
         length_policy: drop or truncate samples longer than max_length.
         max_samples: Keep at most this many rows (0 = all), sampled with the seed.
@@ -55,7 +54,8 @@ def prepare_dataset(
 
     with clear_errors():
         config = DataConfig(
-            dataset=dataset, dataset_format=dataset_format, prompt_style=prompt_style, persona=persona,
+            dataset=dataset, dataset_format=dataset_format, prompt_style=prompt_style,
+            **({"persona": persona} if persona else {}),
             max_length=max_length, length_policy=length_policy, max_samples=max_samples,
             eval_fraction=eval_fraction, max_eval_samples=max_eval_samples, seed=seed, **parse_columns(columns),
         )

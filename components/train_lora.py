@@ -75,7 +75,7 @@ def train_lora(
                 num_epochs=num_epochs, max_steps=max_steps, batch_tokens=batch_tokens,
                 gradient_accumulation=gradient_accumulation, lean=lean, save_steps=save_steps, seed=seed,
             ),
-            max_length=int(train_data.metadata.get("max_length", 2048)),
+            max_length=int(float(train_data.metadata.get("max_length", 2048))),
             checkpoint_dir=checkpoint_dir or adapter.path.rstrip("/") + ".checkpoints",
             tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name),
             model_metadata=dict(model.metadata),

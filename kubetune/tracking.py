@@ -28,7 +28,11 @@ PIPELINE_VERSION_TAG = "kubetune.pipeline_version"
 MAX_PARAM_LENGTH = 500
 REDACTED = "***"
 RETRY_INTERVAL_S = 20.0  # while the server is down, try again at most this often
-SECRET_NAME = re.compile(r"(token|secret|password|passwd|credential|api[_-]?key|access[_-]?key|auth)", re.I)
+# Whole name parts only: HF_TOKEN, aws_secret_access_key, api-key match; tokenizer, max_new_tokens don't.
+SECRET_NAME = re.compile(
+    r"(^|[_.\-])(token|secret|password|passwd|credentials?|api[_\-]?key|access[_\-]?key|auth|authorization)($|[_.\-])",
+    re.I,
+)
 
 
 def default_local_uri(root: str | os.PathLike | None = None) -> str:
