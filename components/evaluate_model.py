@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
-
 from kubetune.containers.images import GPU_IMAGE
 
 

@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Markdown, Metrics, Output
-
 from kubetune.containers.images import CPU_IMAGE
 
 

@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import Model, Output
-
 from kubetune.containers.images import CPU_IMAGE
 
 

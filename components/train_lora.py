@@ -4,7 +4,6 @@ from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
 from kubetune.containers.images import GPU_IMAGE
 
 

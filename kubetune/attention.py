@@ -8,6 +8,8 @@ segment by segment: slower, but the same function, so CPU tests check the exact 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,31 @@ def _boundaries(position_ids: torch.Tensor | None, length: int, device) -> tuple
         starts = torch.cat([torch.zeros(1, dtype=starts.dtype, device=starts.device), starts])
     cu = torch.cat([starts, torch.tensor([length], device=starts.device)]).to(torch.int32).to(device)
     return cu, int(cu.diff().max())
+
+
+@functools.cache
+def _varlen_kwargs() -> frozenset[str]:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _cuda_varlen(q, k, v, cu, max_len: int, scaling: float | None) -> torch.Tensor:
+    """PyTorch's FlashAttention varlen kernel; its keyword names changed across releases (2.9 → 2.13)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    names = _varlen_kwargs()
+    kwargs: dict = {"scale": scaling}
+    kwargs.update({"window_size": (-1, 0)} if "window_size" in names else {"is_causal": True})
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in names:
+            kwargs["enable_gqa"] = True
+        else:  # older kernels want as many key/value heads as query heads
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
 def varlen_attention_forward(
@@ -58,9 +85,7 @@ def varlen_attention_forward(
 
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [tokens, heads, head_dim]
     if query.is_cuda:
-        from torch.nn.attention.varlen import varlen_attn
-
-        out = varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=True)
+        out = _cuda_varlen(q, k, v, cu, max_len, scaling)
     else:
         out = torch.empty_like(q)
         for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):

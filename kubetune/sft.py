@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from kubetune.config import ALL_LINEAR, LoraSettings, TrainConfig, to_dict
 from kubetune.errors import KubetuneError

@@ -10,10 +10,10 @@ from typing import NamedTuple, Optional
 
 from kfp import dsl
 from kfp.dsl import HTML, Model
-
 from kubetune.components import evaluate_model, prepare_dataset, quantize_model, train_lora
-from kubetune.config import DEFAULT_PERSONA, SAMPLE_DATASET
 from kubetune.pipelines.placement import Profile, apply_placement, load_profile
+
+from kubetune.config import DEFAULT_PERSONA, SAMPLE_DATASET
 
 PIPELINE_NAME = "kubetune-finetune"
 DEFAULT_BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"

@@ -1,0 +1,28 @@
+"""Shared fixtures: the tiny local model (made once per session) and its 4-bit copy."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from kubetune.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def quantized_model_dir(tiny_model_dir, tmp_path_factory) -> str:
+    from kubetune.config import QuantConfig
+    from kubetune.modeling import quantize_model
+
+    target = tmp_path_factory.mktemp("models") / "tiny-nf4"
+    quantize_model(tiny_model_dir, str(target), QuantConfig())
+    return str(target)
