@@ -153,6 +153,7 @@ def run_kubetune(nf4_dir: Path, rows: list[list[int]], steps: int, **overrides) 
     plan = result.plan
     return {"tokens_per_s": clock.tokens_per_s, "attention": plan.attention, "checkpointing": plan.gradient_checkpointing,
             "batch_tokens": plan.batch_tokens, "optimizer": plan.optimizer, "liger": plan.liger,
+            "offloading": plan.activation_offloading,
             "plan": plan.reasons}
 
 
@@ -167,6 +168,7 @@ CONFIGS = {
     "kubetune_8k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, batch_tokens=8192),
     "kubetune_16k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, batch_tokens=16384),
     "lean_4k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True, batch_tokens=4096),
+    "lean_8k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True, batch_tokens=8192),
 }
 
 
@@ -177,10 +179,12 @@ def versions() -> dict:
 
     out = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
            "trl": trl.__version__}
-    for name in ("bitsandbytes", "liger_kernel"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in ("bitsandbytes", "liger-kernel"):
         try:
-            out[name] = __import__(name).__version__
-        except (ImportError, AttributeError):
+            out[name] = version(name)
+        except PackageNotFoundError:
             out[name] = "absent"
     return out
 

@@ -20,11 +20,13 @@ from kubetune.storage import atomic_dir
 
 ADAPTER_METADATA_FILE = "kubetune_adapter.json"
 MetricsSink = Callable[[dict[str, float], int], None]
+LEAN_BATCH_TOKENS = 6144
 
 # Bytes of saved activations per token per decoder layer without checkpointing, in units of hidden and
-# intermediate size (bf16, LoRA on all linear layers, fused norms/SwiGLU); calibrated on an H100 with a 7B shape.
-_ACT_HIDDEN_FACTOR = 26
-_ACT_INTERMEDIATE_FACTOR = 8
+# intermediate size (bf16, LoRA on all linear layers, Liger norms/SwiGLU). Calibrated on an H100 with the 7B
+# shape: 8,192 packed tokens peaked at 43.7 GiB, i.e. about 162 KB per token and layer; this gives 171 KB.
+_ACT_HIDDEN_FACTOR = 16
+_ACT_INTERMEDIATE_FACTOR = 6
 
 
 @dataclass
@@ -37,6 +39,7 @@ class SpeedPlan:
     per_device_batch: int
     optimizer: str
     liger: bool
+    activation_offloading: bool
     bf16: bool
     reasons: list[str] = field(default_factory=list)
 
@@ -74,7 +77,7 @@ def _activation_bytes_per_token(model_config, checkpointing: bool) -> float:
     hidden = model_config.hidden_size
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
     layers = model_config.num_hidden_layers
-    per_layer = 2 * (_ACT_HIDDEN_FACTOR * hidden + _ACT_INTERMEDIATE_FACTOR * inter) / 2
+    per_layer = _ACT_HIDDEN_FACTOR * hidden + _ACT_INTERMEDIATE_FACTOR * inter
     if checkpointing:  # one layer input kept per layer, one layer's activations alive during recompute
         return 2 * hidden * layers + per_layer
     return per_layer * layers
@@ -113,11 +116,16 @@ def plan_speed(
         except ImportError:
             reasons.append("fused kernels off: liger-kernel is not installed (pip install kubetune[fast])")
 
+    offloading = False
     if train.lean:
         checkpointing = train.gradient_checkpointing != "off"
-        batch_tokens = train.batch_tokens or 2 * max_length
+        # Checkpointed layer inputs go to pinned CPU memory, so a larger packed batch fits in a few GiB.
+        offloading = cuda and checkpointing
+        batch_tokens = train.batch_tokens or (LEAN_BATCH_TOKENS if cuda else 2 * max_length)
         optimizer = "adamw_8bit" if train.optimizer == "auto" and cuda else train.optimizer
-        reasons.append("lean mode: checkpointing, small packed batches, 8-bit optimizer")
+        if optimizer == "auto":
+            optimizer = "adamw_torch"
+        reasons.append("lean mode: checkpointing with CPU offload of checkpoints, 8-bit optimizer")
     else:
         optimizer = train.optimizer
         if optimizer == "auto":
@@ -126,7 +134,7 @@ def plan_speed(
             if free_bytes is None:
                 free_bytes = torch.cuda.mem_get_info()[0]
             # Leave room for allocator fragmentation, LoRA weights, optimizer state and dequantized weights.
-            budget = 0.80 * (free_bytes - weights_bytes) - 2.0 * 2**30
+            budget = 0.85 * (free_bytes - weights_bytes) - 2.0 * 2**30
             no_ckpt = _activation_bytes_per_token(model_config, checkpointing=False)
             fits = int(budget // no_ckpt)
             if train.gradient_checkpointing == "on":
@@ -156,6 +164,7 @@ def plan_speed(
         per_device_batch=per_device_batch,
         optimizer=optimizer,
         liger=liger,
+        activation_offloading=offloading,
         bf16=bf16,
         reasons=reasons,
     )
@@ -284,6 +293,7 @@ def train_lora(
         gradient_checkpointing=plan.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         use_liger_kernel=plan.liger,
+        activation_offloading=plan.activation_offloading,
         logging_steps=train.logging_steps,
         save_strategy="steps" if train.save_steps else "no",
         save_steps=train.save_steps or 500,

@@ -101,11 +101,11 @@ def test_speed_plan_on_a_7b_shape_without_and_with_a_small_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     shape = Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28)
     big = plan_speed(TrainConfig(fused_kernels=False), 2048, shape, weights_bytes=6 << 30, free_bytes=79 << 30)
-    small = plan_speed(TrainConfig(fused_kernels=False), 2048, shape, weights_bytes=6 << 30, free_bytes=22 << 30)
+    small = plan_speed(TrainConfig(fused_kernels=False), 2048, shape, weights_bytes=6 << 30, free_bytes=16 << 30)
     lean = plan_speed(TrainConfig(lean=True, fused_kernels=False), 2048, shape, free_bytes=79 << 30)
     assert not big.gradient_checkpointing and big.batch_tokens >= 4096
     assert small.gradient_checkpointing
-    assert lean.gradient_checkpointing and lean.optimizer == "adamw_8bit" and lean.batch_tokens == 4096
+    assert lean.gradient_checkpointing and lean.activation_offloading and lean.optimizer == "adamw_8bit"
     assert big.attention == small.attention == "kubetune_varlen"
 
 

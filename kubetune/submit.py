@@ -1,0 +1,283 @@
+"""``kubetune submit``: compile the pipeline and start a run on Kubeflow Pipelines through ``kfp.Client``.
+
+:func:`submit_pipeline` is the one implementation; the CLI (:func:`add_parser`) and the submission notebook call
+it. Where things come from, first match wins:
+
+- host: the ``host`` argument (``--host``), ``KUBETUNE_KFP_HOST``, ``KF_PIPELINES_ENDPOINT``, and inside a
+  cluster pod the in-cluster API service;
+- bearer token (never a flag, so it stays out of shell history): the ``token`` argument (notebooks),
+  ``KUBETUNE_KFP_TOKEN``, ``KF_PIPELINES_TOKEN``, then the projected service-account token that Kubeflow mounts
+  in notebook pods (``/var/run/secrets/kubeflow/pipelines/token``, or ``KF_PIPELINES_SA_TOKEN_PATH``).
+
+Like the CLI, this module sits above the core: it imports kfp and the pipelines inside functions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+from kubetune.errors import KubetuneError
+
+HOST_ENVS = ("KUBETUNE_KFP_HOST", "KF_PIPELINES_ENDPOINT")
+TOKEN_ENVS = ("KUBETUNE_KFP_TOKEN", "KF_PIPELINES_TOKEN")
+UI_HOST_ENV = "KF_PIPELINES_UI_ENDPOINT"
+SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
+SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
+DEFAULT_EXPERIMENT = "kubetune"
+HEALTHZ = "/apis/v2beta1/healthz"
+PORT_FORWARD = "kubectl port-forward -n kubeflow svc/ml-pipeline-ui 8080:80"
+TOKEN_FIX = (
+    "set KF_PIPELINES_TOKEN (or KUBETUNE_KFP_TOKEN) to a bearer token the cluster accepts, e.g. "
+    "KF_PIPELINES_TOKEN=$(kubectl create token default-editor -n <your-namespace> --audience pipelines.kubeflow.org); "
+    f"in a Kubeflow notebook pod the token at {SA_TOKEN_PATH} is used by itself"
+)
+
+
+# -- where to submit ---------------------------------------------------------------------------------------------
+def resolve_host(host: str | None = None, env: dict[str, str] | None = None) -> str:
+    """The KFP API endpoint: argument, else KUBETUNE_KFP_HOST / KF_PIPELINES_ENDPOINT, else in-cluster."""
+    env = os.environ if env is None else env
+    chosen = (host or "").strip() or next((env[name].strip() for name in HOST_ENVS if env.get(name, "").strip()), "")
+    if not chosen:
+        if env.get("KUBERNETES_SERVICE_HOST"):
+            return IN_CLUSTER_HOST
+        raise KubetuneError(
+            "no Kubeflow Pipelines host given",
+            f"pass --host URL or set KUBETUNE_KFP_HOST; from a laptop, `{PORT_FORWARD}` and use "
+            "--host http://localhost:8080",
+        )
+    if "://" not in chosen:
+        chosen = "https://" + chosen
+    return chosen.rstrip("/")
+
+
+def resolve_token(token: str | None = None, env: dict[str, str] | None = None) -> str:
+    """A bearer token from the argument, the environment or the in-pod service-account token file ("" = none)."""
+    env = os.environ if env is None else env
+    if token:
+        return token.strip()
+    for name in TOKEN_ENVS:
+        if env.get(name, "").strip():
+            return env[name].strip()
+    path = Path(env.get(SA_TOKEN_PATH_ENV) or SA_TOKEN_PATH)
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def run_url(ui_host: str, run_id: str) -> str:
+    return f"{ui_host.rstrip('/')}/#/runs/details/{run_id}"
+
+
+# -- errors users can act on -------------------------------------------------------------------------------------
+def _unreachable(host: str, reason: object) -> KubetuneError:
+    return KubetuneError(
+        f"cannot reach Kubeflow Pipelines at {host} ({reason})",
+        f"check the host and that the KFP API answers at {host}{HEALTHZ}; from outside the cluster, "
+        f"`{PORT_FORWARD}` and pass --host http://localhost:8080",
+    )
+
+
+def _auth_error(host: str, status: int, token: str) -> KubetuneError:
+    sent = "the bearer token was rejected (expired, or the wrong audience or namespace)" if token else \
+        "no bearer token was sent"
+    return KubetuneError(f"Kubeflow Pipelines at {host} answered {status} {'Unauthorized' if status == 401 else 'Forbidden'}: {sent}", TOKEN_FIX)
+
+
+def _api_error(host: str, error: Exception, token: str) -> KubetuneError:
+    status = getattr(error, "status", 0) or 0
+    if status in (401, 403):
+        return _auth_error(host, status, token)
+    if status == 0:
+        return _unreachable(host, getattr(error, "reason", error))
+    body = (getattr(error, "body", "") or "")
+    body = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
+    return KubetuneError(
+        f"Kubeflow Pipelines at {host} refused the run: {status} {getattr(error, 'reason', '')} {body[:500]}".strip(),
+        "read the server's message above; parameter names and types must match `kubetune compile` output",
+    )
+
+
+def check_connection(host: str, token: str = "", timeout_s: float = 15.0) -> dict[str, Any]:
+    """GET the KFP healthz endpoint once, so a wrong host or token fails fast with a clear message (kfp.Client
+    itself retries healthz for half a minute and then raises a bare TimeoutError)."""
+    request = urllib.request.Request(host + HEALTHZ, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:
+        if error.code in (401, 403):
+            raise _auth_error(host, error.code, token) from None
+        if error.code == 404:
+            raise KubetuneError(
+                f"no Kubeflow Pipelines API at {host} ({HEALTHZ} answered 404)",
+                "point --host at the KFP API: http://localhost:8080 after port-forwarding, or "
+                "https://<kubeflow-host>/pipeline behind the Kubeflow gateway",
+            ) from None
+        raise _unreachable(host, f"HTTP {error.code} {error.reason}") from None
+    except (urllib.error.URLError, OSError) as error:
+        raise _unreachable(host, getattr(error, "reason", error)) from None
+    try:
+        return json.loads(body or b"{}")
+    except ValueError:
+        raise KubetuneError(
+            f"{host}{HEALTHZ} answered with a page, not the KFP API (a login page?)",
+            f"authenticate with a bearer token: {TOKEN_FIX}",
+        ) from None
+
+
+# -- submit ------------------------------------------------------------------------------------------------------
+def submit_pipeline(
+    host: str | None,
+    params: dict[str, Any] | None = None,
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str = "",
+    token: str | None = None,
+    options=None,
+    namespace: str = "",
+) -> dict[str, str]:
+    """Compile the pipeline with ``options`` (a PipelineOptions; default placement when None) and start a run.
+
+    ``params`` are pipeline parameters by name (typed values). Returns ``{"run_id", "url", "experiment_id"}``;
+    ``url`` is the run's page in the Kubeflow UI. Raises :class:`KubetuneError` for an unreachable host, a missing
+    or rejected token, unknown parameters, or a run the server refuses.
+    """
+    from kubetune.pipelines import PipelineOptions, compile_pipeline
+
+    params = dict(params or {})
+    host = resolve_host(host)
+    token = resolve_token(token)
+    options = options if options is not None else PipelineOptions()
+    with tempfile.TemporaryDirectory(prefix="kubetune-submit-") as tmp:
+        package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), options)
+        _check_params(package, params)
+        check_connection(host, token)
+        return _create_run(host, token, package, params, experiment or DEFAULT_EXPERIMENT, run_name, namespace)
+
+
+def _check_params(package: str, params: dict[str, Any]) -> None:
+    import yaml
+
+    with open(package, encoding="utf-8") as handle:
+        spec = next(yaml.safe_load_all(handle))
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise KubetuneError(f"unknown pipeline parameters {unknown}", f"use names from: {', '.join(sorted(declared))}")
+
+
+def _create_run(host: str, token: str, package: str, params: dict[str, Any], experiment: str, run_name: str,
+                namespace: str) -> dict[str, str]:
+    import kfp
+    import kfp_server_api
+    import urllib3
+
+    ui_host = os.environ.get(UI_HOST_ENV, "").strip() or host
+    # kfp.Client prints its own links on stdout; keep stdout for our one JSON line.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            client = kfp.Client(host=host, existing_token=token or None, namespace=namespace or "kubeflow",
+                                ui_host=ui_host)
+            result = client.create_run_from_pipeline_package(
+                package, arguments=params, run_name=run_name or None, experiment_name=experiment,
+                namespace=namespace or None,
+            )
+        except kfp_server_api.ApiException as error:
+            raise _api_error(host, error, token) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise _unreachable(host, error) from None
+    run_id = result.run_id
+    experiment_id = getattr(result.run_info, "experiment_id", "") or ""
+    return {"run_id": run_id, "url": run_url(ui_host, run_id), "experiment_id": experiment_id}
+
+
+# -- command line ------------------------------------------------------------------------------------------------
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """Volume, secrets and security flags, shared by ``submit`` (and ``compile``, where the CLI wires them)."""
+    group = parser.add_argument_group("cluster (volume, secrets, security)")
+    group.add_argument("--cache-volume", default="", metavar="CLAIM|create",
+                       help="model cache PVC at /cache (HF_HOME, checkpoints): an existing claim, or 'create' for one "
+                       "per run, deleted at the end")
+    group.add_argument("--cache-volume-size", default="200Gi", help="size of a created cache volume")
+    group.add_argument("--cache-volume-storage-class", default="", help="storage class of a created cache volume")
+    group.add_argument("--cache-volume-access-mode", default="ReadWriteOnce",
+                       choices=["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"])
+    group.add_argument("--hub-secret", default="kubetune-hub", help="Secret with HF_TOKEN ('' = none)")
+    group.add_argument("--mlflow-secret", default="kubetune-mlflow",
+                       help="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN ('' = none)")
+    group.add_argument("--object-store-secret", default="kubetune-object-store",
+                       help="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL ('' = none)")
+    group.add_argument("--gcs-secret", default="", help="Secret with a GCP service-account key.json ('' = none)")
+    group.add_argument("--static-gpu-node-selector", action="store_true",
+                       help="compile the GPU node selector as fixed labels, without the gpu_node_selector parameter "
+                       "(for KFP backends without nodeSelectorJson)")
+    group.add_argument("--run-as-user", type=int, default=1000, help="non-root uid of every step")
+    group.add_argument("--no-run-as-user", action="store_true",
+                       help="leave the uid to the cluster (e.g. OpenShift's restricted SCC)")
+    group.add_argument("--retries", type=int, default=2, help="retries of SFT and evaluation, with backoff")
+
+
+def cluster_options(args: argparse.Namespace, options):
+    """Apply :func:`add_cluster_flags` values to a PipelineOptions (from ``kubetune.cli.placement_options``)."""
+    options.cache_volume = args.cache_volume.strip()
+    options.cache_volume_size = args.cache_volume_size
+    options.cache_volume_storage_class = args.cache_volume_storage_class
+    options.cache_volume_access_mode = args.cache_volume_access_mode
+    options.hub_secret = args.hub_secret
+    options.mlflow_secret = args.mlflow_secret
+    options.object_store_secret = args.object_store_secret
+    options.gcs_secret = args.gcs_secret
+    options.runtime_gpu_node_selector = not args.static_gpu_node_selector
+    options.run_as_user = None if args.no_run_as_user else args.run_as_user
+    options.retries = args.retries
+    options.validate()
+    return options
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kubetune.cli import parse_params, placement_options
+
+    options = cluster_options(args, placement_options(args))
+    result = submit_pipeline(
+        args.host, parse_params(args.param), experiment=args.experiment, run_name=args.run_name,
+        options=options, namespace=args.namespace,
+    )
+    print(f"run details: {result['url']}", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+def add_parser(sub) -> None:
+    """Register ``kubetune submit`` on the CLI's subparsers object."""
+    from kubetune.cli import _add_placement_flags
+
+    submit = sub.add_parser(
+        "submit", help="compile the pipeline and start a run on Kubeflow Pipelines",
+        description="Compile (same placement flags as `compile`) and start a run through kfp.Client. The bearer "
+        f"token comes from {' / '.join(TOKEN_ENVS)} or the in-pod token file {SA_TOKEN_PATH}.",
+    )
+    submit.add_argument("--host", default="",
+                        help=f"KFP API URL (default: {' / '.join(HOST_ENVS)}; in a pod, the in-cluster service)")
+    submit.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="KFP experiment (created when missing)")
+    submit.add_argument("--run-name", default="", help="run name shown in the Kubeflow UI")
+    submit.add_argument("--namespace", default="", help="profile namespace (multi-user Kubeflow)")
+    submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter")
+    _add_placement_flags(submit)
+    add_cluster_flags(submit)
+    submit.set_defaults(func=cmd_submit)
