@@ -25,6 +25,9 @@ def evaluate_model(
     side by side in an HTML report. Logs metrics, the answers table and the report to the training's MLflow run.
 
     Args:
+        model: The 4-bit base model from quantize_model.
+        adapter: The LoRA adapter from train_lora (its metadata names the MLflow run).
+        eval_data: Held-out rows from prepare_dataset.
         probe_questions: Questions asked of both models besides the held-out prompts.
         max_new_tokens: Cap on generated tokens per answer.
         max_generation_samples: Held-out prompts to answer (0 = all).
@@ -32,6 +35,10 @@ def evaluate_model(
         mlflow_experiment: MLflow experiment name.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name.
+
+    Returns:
+        metrics: Base vs tuned loss, perplexity and chrF, shown on the Kubeflow run page.
+        report: The HTML report with base and tuned answers side by side, shown by the Kubeflow UI.
     """
     from kubetune.config import EvalConfig
     from kubetune.errors import clear_errors

@@ -46,6 +46,12 @@ def prepare_dataset(
         max_eval_samples: Cap on held-out rows (0 = no cap).
         seed: Seed for sampling and the split.
         trust_remote_code: Allow tokenizer code from the hub.
+
+    Returns:
+        train_data: Prepared training rows (prompt/completion, JSONL).
+        eval_data: Held-out rows for evaluation (JSONL).
+        stats: Rows in, kept and dropped per rule, token-length percentiles.
+        summary: The same statistics as a short Markdown summary.
     """
     from kubetune.config import DataConfig
     from kubetune.errors import clear_errors

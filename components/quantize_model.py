@@ -27,6 +27,9 @@ def quantize_model(
         double_quant: Quantize the quantization constants as well.
         compute_dtype: Dtype of 4-bit matmuls: auto, bfloat16, float16 or float32.
         trust_remote_code: Allow model code from the hub.
+
+    Returns:
+        model: The pre-quantized model and tokenizer; metadata: source, revision, hash, quantization.
     """
     from kubetune.config import QuantConfig
     from kubetune.errors import clear_errors

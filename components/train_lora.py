@@ -28,6 +28,7 @@ def train_lora(
     save_steps: int = 50,
     seed: int = 42,
     checkpoint_dir: str = "",
+    checkpoint_root: str = "",
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "kubetune",
     kfp_run_id: str = "",
@@ -38,6 +39,8 @@ def train_lora(
     statistics, per-step metrics and the adapter to MLflow.
 
     Args:
+        model: The 4-bit base model from quantize_model.
+        train_data: Prepared training rows from prepare_dataset.
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (scale = alpha / r).
         lora_dropout: Dropout on the LoRA input.
@@ -52,11 +55,17 @@ def train_lora(
         lean: Lean mode for small GPUs (checkpointing, small batches, 8-bit optimizer).
         save_steps: Checkpoint every N steps (0 = only at the end).
         seed: Training seed.
-        checkpoint_dir: Where checkpoints go (a mounted volume survives pod restarts); empty = beside the output.
+        checkpoint_dir: Where checkpoints go; a retry resumes from the last one. Empty = checkpoint_root/kfp_run_id.
+        checkpoint_root: Volume directory (survives pod restarts) for per-run checkpoints; empty = beside the output.
         mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else a local sqlite store.
         mlflow_experiment: MLflow experiment name.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name, used as the MLflow run name.
+
+    Returns:
+        adapter: The LoRA adapter (safetensors) and tokenizer; metadata holds the MLflow run id.
+        metrics: Training metrics (loss, tokens/s, ...), shown on the Kubeflow run page.
+        mlflow_run_id: The MLflow run that the evaluation logs into as well.
     """
     from collections import namedtuple
 
@@ -75,7 +84,9 @@ def train_lora(
                 gradient_accumulation=gradient_accumulation, lean=lean, save_steps=save_steps, seed=seed,
             ),
             max_length=int(float(train_data.metadata.get("max_length", 2048))),
-            checkpoint_dir=checkpoint_dir or adapter.path.rstrip("/") + ".checkpoints",
+            checkpoint_dir=checkpoint_dir
+            or (f"{checkpoint_root.rstrip('/')}/{kfp_run_id}" if checkpoint_root and kfp_run_id
+                else adapter.path.rstrip("/") + ".checkpoints"),
             tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name),
             model_metadata=dict(model.metadata),
             data_metadata=dict(train_data.metadata),

@@ -179,7 +179,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         lora=from_dict(LoraSettings, vars(args)),
         train_config=from_dict(TrainConfig, vars(args)),
         max_length=args.max_length or int(float(data_metadata.get("max_length", 2048))),
-        checkpoint_dir=args.checkpoint_dir or beside(args.adapter, ".checkpoints"),
+        checkpoint_dir=_checkpoint_dir(args),
         tracking=Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name),
         model_metadata=model_metadata,
         data_metadata=data_metadata,
@@ -193,6 +193,15 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     _print_tracking_report(result)
     return {"adapter": args.adapter, "metrics": metrics_path, "mlflow_run_id": result["mlflow_run_id"],
             **_numbers(result)}
+
+
+def _checkpoint_dir(args: argparse.Namespace) -> str:
+    """As the component: the explicit directory, else <checkpoint_root>/<run id>, else beside the adapter."""
+    if args.checkpoint_dir:
+        return args.checkpoint_dir
+    if args.checkpoint_root and args.kfp_run_id:
+        return f"{args.checkpoint_root.rstrip('/')}/{args.kfp_run_id}"
+    return beside(args.adapter, ".checkpoints")
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,7 +266,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(train, "train_data", "input: the prepared training set (from prep)")
     _path(train, "adapter", "output: the LoRA adapter directory")
     _path(train, "metrics", "output: metrics JSON (default: <adapter>.metrics.json)", required=False)
-    _flag(train, "checkpoint_dir", "", "Where checkpoints go (a retry resumes from them); empty = <adapter>.checkpoints")
+    _flag(train, "checkpoint_dir", "", "Where checkpoints go; a retry resumes from the last one. "
+          "Empty = <checkpoint_root>/<kfp_run_id>, else <adapter>.checkpoints")
+    _flag(train, "checkpoint_root", "", "Volume directory for per-run checkpoints")
     _flag(train, "max_length", 0, "Maximum tokens per sample; 0 = the value prep recorded in the data's metadata")
     _config_flags(train, LoraSettings)
     _config_flags(train, TrainConfig)

@@ -33,6 +33,7 @@ TOKEN_ENVS = ("KUBETUNE_KFP_TOKEN", "KF_PIPELINES_TOKEN")
 UI_HOST_ENV = "KF_PIPELINES_UI_ENDPOINT"
 SA_TOKEN_PATH_ENV = "KF_PIPELINES_SA_TOKEN_PATH"
 SA_TOKEN_PATH = "/var/run/secrets/kubeflow/pipelines/token"
+POD_NAMESPACE_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 DEFAULT_EXPERIMENT = "kubetune"
 HEALTHZ = "/apis/v2beta1/healthz"
@@ -153,9 +154,11 @@ def submit_pipeline(
 ) -> dict[str, str]:
     """Compile the pipeline with ``options`` (a PipelineOptions; default placement when None) and start a run.
 
-    ``params`` are pipeline parameters by name (typed values). Returns ``{"run_id", "url", "experiment_id"}``;
-    ``url`` is the run's page in the Kubeflow UI. Raises :class:`KubetuneError` for an unreachable host, a missing
-    or rejected token, unknown parameters, or a run the server refuses.
+    ``params`` are pipeline parameters by name (typed values). ``namespace`` is the Kubeflow profile namespace of
+    a multi-user deployment (default: the pod's own namespace when run in a cluster). Returns
+    ``{"run_id", "url", "experiment_id"}``; ``url`` is the run's page in the Kubeflow UI. Raises
+    :class:`KubetuneError` for an unreachable host, a missing or rejected token, unknown parameters, a missing
+    namespace, or a run the server refuses.
     """
     from kubetune.pipelines import PipelineOptions, compile_pipeline
 
@@ -166,8 +169,22 @@ def submit_pipeline(
     with tempfile.TemporaryDirectory(prefix="kubetune-submit-") as tmp:
         package = compile_pipeline(str(Path(tmp) / "pipeline.yaml"), options)
         _check_params(package, params)
-        check_connection(host, token)
+        health = check_connection(host, token)
+        if health.get("multi_user") and not namespace:
+            namespace = _pod_namespace()
+            if not namespace:
+                raise KubetuneError(
+                    f"Kubeflow Pipelines at {host} is multi-user, and no namespace was given",
+                    "pass --namespace <your Kubeflow profile namespace> (notebooks: namespace=...)",
+                )
         return _create_run(host, token, package, params, experiment or DEFAULT_EXPERIMENT, run_name, namespace)
+
+
+def _pod_namespace() -> str:
+    try:
+        return Path(POD_NAMESPACE_PATH).read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
 
 
 def _check_params(package: str, params: dict[str, Any]) -> None:

@@ -88,9 +88,29 @@ def override(profile: Profile, *, gpu_type: str = "", gpu_count: int = 0, node_s
     return profile
 
 
+def gpu_node_selector_default(profile: Profile) -> dict[str, str]:
+    """The static node selector the GPU steps share: the default of the run-time ``gpu_node_selector``
+    parameter. The parameter replaces the selector of both GPU steps, so they must agree."""
+    selectors = {step: profile.steps[step].node_selector for step in GPU_STEPS if profile.steps[step].uses_gpu}
+    distinct = {tuple(sorted(selector.items())) for selector in selectors.values()}
+    if len(distinct) > 1:
+        raise KubetuneError(
+            f"profile {profile.name!r} gives the GPU steps different node selectors {selectors}, but the run-time "
+            "gpu_node_selector parameter sets one selector for both",
+            "give train_lora and evaluate_model the same node_selector, or compile without the run-time override "
+            "(PipelineOptions(runtime_gpu_node_selector=False), `--static-gpu-node-selector`)",
+        )
+    return dict(next(iter(selectors.values()), {}))
+
+
 def apply_placement(task, placement: StepPlacement, *, gpu_node_selector=None):
-    """Set resources and scheduling on a KFP task. ``gpu_node_selector`` is a pipeline parameter (a dict) that
-    overrides the GPU node selector at run time when non-empty."""
+    """Set resources and scheduling on a KFP task.
+
+    ``gpu_node_selector`` is a pipeline parameter (a dict) that sets a GPU step's node selector at run time.
+    The KFP driver lets a JSON selector replace the static labels outright (labels written beside it are
+    ignored), so with the parameter the static selector is not written here: it is the parameter's default
+    (see :func:`gpu_node_selector_default`) and the Kubeflow UI shows it.
+    """
     from kfp import kubernetes
 
     if placement.cpu:
@@ -101,13 +121,15 @@ def apply_placement(task, placement: StepPlacement, *, gpu_node_selector=None):
         task.set_cpu_limit(placement.cpu_limit)
     if placement.memory_limit:
         task.set_memory_limit(placement.memory_limit)
+    runtime_selector = placement.uses_gpu and gpu_node_selector is not None
     if placement.uses_gpu:
         task.set_accelerator_type(placement.accelerator)
         task.set_accelerator_limit(placement.accelerator_count)
-        if gpu_node_selector is not None:
-            kubernetes.add_node_selector_json(task, gpu_node_selector)
-    for key, value in placement.node_selector.items():
-        kubernetes.add_node_selector(task, key, value)
+    if runtime_selector:
+        kubernetes.add_node_selector_json(task, gpu_node_selector)
+    else:
+        for key, value in placement.node_selector.items():
+            kubernetes.add_node_selector(task, key, value)
     for toleration in placement.tolerations:
         kubernetes.add_toleration(
             task,
@@ -122,5 +144,6 @@ def apply_placement(task, placement: StepPlacement, *, gpu_node_selector=None):
         kubernetes.empty_dir_mount(task, volume_name="dshm", mount_path="/dev/shm", medium="Memory",
                                    size_limit=placement.shm_size)
     if placement.timeout_s:
+        # activeDeadlineSeconds: per pod, so each retry gets the full time again.
         kubernetes.set_timeout(task, placement.timeout_s)
     return task

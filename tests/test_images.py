@@ -342,9 +342,25 @@ def test_lock_pins_the_supported_stack(lock):
         assert pins["torch"].local == "cpu", "the CPU image takes the CPU build of torch"
         assert "--find-links https://download.pytorch.org/whl/cpu/torch/" in path.read_text()
     else:
-        assert pins["torch"].local is None
-        assert "nvidia-cuda-runtime-cu12" in pins, "the GPU image's torch is a CUDA 12 build"
+        assert pins["torch"].local is None, "the GPU image takes PyPI's CUDA build of torch"
         assert "liger-kernel" in pins
+        assert pins["torch"] == Version(_pins(CONTAINERS / "requirements-cpu.txt")["torch"].public)
+
+
+def test_gpu_lock_cuda_matches_the_base_image():
+    runtime = {
+        name: v
+        for name, v in _pins(CONTAINERS / "requirements-gpu.txt").items()
+        if name.startswith("nvidia-cuda-runtime")
+    }
+    assert len(runtime) == 1, f"expected one CUDA runtime wheel in the GPU lock, found {runtime}"
+    (cuda,) = runtime.values()
+    bases = [args for op, args in _instructions((CONTAINERS / "Dockerfile.gpu").read_text()) if op == "FROM"]
+    base = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.", bases[-1])
+    assert base, f"the GPU image's base is not an nvidia/cuda image: {bases[-1]}"
+    assert (int(base[1]), int(base[2])) == cuda.release[:2], (
+        f"base CUDA {base[1]}.{base[2]} vs runtime wheel {cuda}"
+    )
 
 
 def test_lock_satisfies_the_package_requirements(lock):

@@ -1,0 +1,557 @@
+"""The fine-tuning pipeline as a plain Argo Workflow, for clusters that run Argo without Kubeflow.
+
+Built with Hera from the compiled KFP pipeline, so the two never drift: the workflow's parameters are the KFP
+pipeline's (names, defaults, descriptions), and the DAG, each step's inputs and which step's output feeds which
+are read from the KFP spec. Each step is a container running ``python -m kubetune.stepcli <step>`` on the
+kubetune images, with placement (resources, GPUs, node selector, tolerations, /dev/shm, timeouts) from the same
+profiles as the KFP pipeline. Steps pass data through a volume mounted at ``/workspace``: an existing claim
+(``--pvc``) or one created per workflow from a volumeClaimTemplate, which Argo deletes when the workflow
+succeeds (``volumeClaimGC: OnWorkflowSuccess``) and keeps when it fails, so ``argo retry`` resumes training from
+its checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubetune.errors import KubetuneError, collect
+
+WORKSPACE = "/workspace"
+RUN_DIR = f"{WORKSPACE}/runs/{{{{workflow.name}}}}"
+DAG_NAME = "finetune"
+GENERATE_NAME = "kubetune-finetune-"
+DEFAULT_PVC_SIZE = "100Gi"
+DEFAULT_NAMESPACE = "argo"
+TTL_AFTER_SUCCESS_S = 7 * 24 * 3600
+TTL_AFTER_FAILURE_S = 14 * 24 * 3600
+# Retry crashes, OOM kills and lost nodes; not a user error (exit 2: kubetune's clear errors and bad flags).
+RETRY_EXPRESSION = 'lastRetry.status == "Error" || asInt(lastRetry.exitCode) != 2'
+# The run-time GPU node selector (a JSON object parameter of the KFP pipeline). As in KFP it replaces the
+# profile's selector of the GPU steps; Argo applies it as a pod spec patch.
+GPU_NODE_SELECTOR_PARAMETER = "gpu_node_selector"
+
+STEP_COMMANDS = {"prepare-dataset": "prep", "quantize-model": "quantize", "train-lora": "train",
+                 "evaluate-model": "evaluate"}
+# KFP run placeholders → Argo variables.
+RUNTIME_VALUES = {"{{$.pipeline_job_uuid}}": "{{workflow.uid}}", "{{$.pipeline_job_name}}": "{{workflow.name}}"}
+# File names on the volume follow the artifact type; a Model is a directory.
+EXTENSIONS = {"system.Dataset": ".parquet", "system.Metrics": ".json", "system.Markdown": ".md",
+              "system.HTML": ".html"}
+# With --artifacts, these outputs also go to the cluster's artifact repository (they outlive a created volume).
+RESULT_ARTIFACTS = {"train-lora": ("adapter", "metrics"), "evaluate-model": ("report", "metrics")}
+
+
+@dataclass
+class ArgoOptions:
+    """Choices that exist only for the Argo form of the pipeline; placement and images are PipelineOptions."""
+
+    pvc: str = ""
+    """Existing PersistentVolumeClaim mounted at /workspace; empty = a claim created per workflow."""
+    pvc_size: str = ""
+    """Size of the created claim (default 100Gi: a 7B model download, its 4-bit copy, data and checkpoints)."""
+    storage_class: str = ""
+    """Storage class of the created claim; empty = the cluster default."""
+    access_mode: str = "ReadWriteOnce"
+    """ReadWriteOnce works everywhere (parallel steps then wait for one node); ReadWriteMany lets them spread."""
+    service_account: str = ""
+    artifacts: bool = False
+    """Also save adapter, report and metrics to the artifact repository (needs one configured)."""
+    active_deadline_seconds: int = 0
+    """Deadline of the whole workflow; 0 = the longest path of step timeouts, retries included."""
+    generate_name: str = GENERATE_NAME
+
+    def validate(self) -> None:
+        problems: list[tuple[str, str]] = []
+        if self.pvc and (self.pvc_size or self.storage_class):
+            problems.append((f"--pvc {self.pvc} names an existing claim; --pvc-size/--storage-class only shape a "
+                             "created one", "pass either --pvc NAME or --pvc-size/--storage-class"))
+        if self.pvc and not _DNS_NAME.match(self.pvc):
+            problems.append((f"--pvc {self.pvc!r} is not a Kubernetes object name",
+                             "use the claim's name as `kubectl get pvc` shows it"))
+        if self.pvc_size and not _QUANTITY.match(self.pvc_size):
+            problems.append((f"--pvc-size {self.pvc_size!r} is not a storage size", "write e.g. 200Gi or 1Ti"))
+        if self.access_mode not in ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"):
+            problems.append((f"access mode {self.access_mode!r} is unknown", "use ReadWriteOnce or ReadWriteMany"))
+        if self.active_deadline_seconds < 0:
+            problems.append(("the workflow deadline is negative", "use seconds > 0, or 0 for the computed one"))
+        collect(problems)
+
+
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+
+
+# -- the KFP pipeline, read -----------------------------------------------------------------------------------
+@dataclass
+class WorkflowParameter:
+    name: str
+    kfp_type: str
+    default: str | None
+    description: str = ""
+
+
+@dataclass
+class StepSpec:
+    """One KFP task as the Argo builder needs it."""
+
+    task: str  # KFP task name, e.g. train-lora
+    placement: str  # profile step name, e.g. train_lora
+    inputs: dict[str, str]  # step flag → pipeline parameter
+    constants: dict[str, str]  # step flag → literal or Argo variable
+    artifacts_in: dict[str, tuple[str, str]]  # step flag → (producer task, producer output)
+    artifacts_out: dict[str, str]  # step flag → schema title (system.Model, ...)
+    dependencies: list[str]
+    retry: dict[str, Any] | None  # KFP retryPolicy: maxRetryCount, backoffDuration, backoffFactor
+
+
+def _spec_dict(pipeline=None) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    if pipeline is None:
+        from kubetune.pipelines import finetune_pipeline as pipeline
+    return json_format.MessageToDict(pipeline.pipeline_spec)
+
+
+def parameter_value(value: Any, kfp_type: str) -> str:
+    """A pipeline parameter value as the string an Argo parameter holds (and the step commands parse)."""
+    if kfp_type == "BOOLEAN":
+        return "true" if value else "false"
+    if kfp_type == "NUMBER_INTEGER":
+        return str(int(value))
+    if kfp_type == "NUMBER_DOUBLE":
+        return repr(float(value))
+    if kfp_type in ("LIST", "STRUCT"):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def pipeline_parameters(spec: dict[str, Any] | None = None, order: list[str] | None = None) -> list[WorkflowParameter]:
+    """The KFP pipeline's parameters with their defaults and descriptions, in ``order`` (the pipeline
+    signature's, which the UI then shows) where given; the compiled spec itself keeps no order."""
+    spec = spec or _spec_dict()
+    descriptions: dict[str, str] = {}
+    for task in spec["root"]["dag"]["tasks"].values():
+        component = spec["components"][task["componentRef"]["name"]]
+        declared = component.get("inputDefinitions", {}).get("parameters", {})
+        for flag, source in task.get("inputs", {}).get("parameters", {}).items():
+            if "componentInputParameter" in source and declared.get(flag, {}).get("description"):
+                descriptions.setdefault(source["componentInputParameter"], declared[flag]["description"])
+    result = []
+    definitions = spec["root"]["inputDefinitions"]["parameters"]
+    rank = {name: i for i, name in enumerate(order or sorted(definitions))}
+    for name, definition in sorted(definitions.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])):
+        kfp_type = definition["parameterType"]
+        default = parameter_value(definition["defaultValue"], kfp_type) if "defaultValue" in definition else None
+        result.append(WorkflowParameter(name, kfp_type, default, definition.get("description") or
+                                        descriptions.get(name, "")))
+    return result
+
+
+def pipeline_steps(spec: dict[str, Any] | None = None) -> list[StepSpec]:
+    """The KFP DAG's tasks: which pipeline parameters and which upstream outputs feed each step."""
+    spec = spec or _spec_dict()
+    steps = []
+    for task_name, task in spec["root"]["dag"]["tasks"].items():
+        if task_name not in STEP_COMMANDS:
+            raise ValueError(f"KFP task {task_name} has no kubetune step command")
+        component = spec["components"][task["componentRef"]["name"]]
+        inputs, constants, artifacts_in = {}, {}, {}
+        for flag, source in task.get("inputs", {}).get("parameters", {}).items():
+            if "componentInputParameter" in source:
+                inputs[flag] = source["componentInputParameter"]
+            elif "runtimeValue" in source:
+                constant = source["runtimeValue"]["constant"]
+                constants[flag] = RUNTIME_VALUES.get(constant, constant) if isinstance(constant, str) else \
+                    json.dumps(constant)
+            else:
+                raise ValueError(f"KFP task {task_name} input {flag} comes from {source}, which Argo cannot map")
+        for flag, source in task.get("inputs", {}).get("artifacts", {}).items():
+            producer = source["taskOutputArtifact"]
+            artifacts_in[flag] = (producer["producerTask"], producer["outputArtifactKey"])
+        outputs = component.get("outputDefinitions", {}).get("artifacts", {})
+        steps.append(StepSpec(
+            task=task_name, placement=task_name.replace("-", "_"), inputs=inputs, constants=constants,
+            artifacts_in=artifacts_in,
+            artifacts_out={flag: out["artifactType"]["schemaTitle"] for flag, out in outputs.items()},
+            dependencies=sorted(task.get("dependentTasks", [])),
+            retry=task.get("retryPolicy"),
+        ))
+    order = list(STEP_COMMANDS)
+    return sorted(steps, key=lambda step: order.index(step.task))
+
+
+def artifact_path(task: str, output: str, schema_title: str) -> str:
+    """Where a step's output lives on the volume: ``/workspace/runs/<workflow>/<task>/<output>[.ext]``."""
+    return f"{RUN_DIR}/{task}/{output}{EXTENSIONS.get(schema_title, '')}"
+
+
+# -- the workflow ----------------------------------------------------------------------------------------------
+def _seconds(duration: str) -> int:
+    """KFP durations are protobuf Duration strings such as ``60s``."""
+    return int(float(duration.rstrip("s") or 0))
+
+
+def _retry_strategy(retry: dict[str, Any] | None):
+    """The KFP task's retryPolicy as an Argo retryStrategy (limit, backoff duration and factor)."""
+    from hera.workflows import RetryStrategy
+    from hera.workflows import models as m
+
+    if not retry or not retry.get("maxRetryCount"):
+        return None
+    # backoffMaxDuration is left out: Argo's maxDuration bounds the time since the step *started*, which would
+    # forbid any retry of a training step that ran longer than an hour.
+    return RetryStrategy(
+        limit=str(int(retry["maxRetryCount"])), retry_policy="Always", expression=RETRY_EXPRESSION,
+        backoff=m.Backoff(duration=f"{_seconds(retry.get('backoffDuration', '0s'))}s",
+                          factor=str(max(1, round(float(retry.get("backoffFactor", 1)))))),
+    )
+
+
+def _critical_path_s(steps: list[StepSpec], profile) -> int:
+    """Longest path through the DAG, each step at its timeout times its attempts plus the backoff between."""
+    finish: dict[str, int] = {}
+    for step in steps:  # already in DAG order
+        timeout = profile.steps[step.placement].timeout_s
+        if not timeout:
+            return 0
+        retry = step.retry or {}
+        retries, delay = int(retry.get("maxRetryCount", 0)), _seconds(retry.get("backoffDuration", "0s"))
+        backoff = int(sum(delay * float(retry.get("backoffFactor", 1)) ** i for i in range(retries)))
+        finish[step.task] = max((finish[d] for d in step.dependencies), default=0) + timeout * (1 + retries) + backoff
+    return max(finish.values())
+
+
+def _secret_env(step: str, options) -> tuple[list, list]:
+    """(env, volumes) for the credentials a step needs, from the same optional Secrets as the KFP pipeline."""
+    from hera.workflows import Env, SecretEnv, SecretVolume
+    from kubetune.pipelines import finetune as kfp_pipeline
+
+    env: list = []
+    for secret, keys, wanted_in in (
+        (options.hub_secret, kfp_pipeline.HUB_KEYS, kfp_pipeline.HUB_STEPS),
+        (options.mlflow_secret, kfp_pipeline.MLFLOW_KEYS, kfp_pipeline.MLFLOW_STEPS),
+        (options.object_store_secret, kfp_pipeline.OBJECT_STORE_KEYS, kfp_pipeline.OBJECT_STORE_STEPS),
+    ):
+        if secret and step in wanted_in:
+            env += [SecretEnv(name=key, secret_name=secret, secret_key=key, optional=True) for key in keys]
+    volumes: list = []
+    if options.gcs_secret and step in kfp_pipeline.OBJECT_STORE_STEPS:
+        volumes.append(SecretVolume(name="gcs-key", secret_name=options.gcs_secret, optional=True,
+                                    mount_path=kfp_pipeline.GCS_KEY_DIR))
+        env.append(Env(name="GOOGLE_APPLICATION_CREDENTIALS",
+                       value=f"{kfp_pipeline.GCS_KEY_DIR}/{options.gcs_key_file}"))
+    return env, volumes
+
+
+def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[str, Any] | None = None):
+    """The Hera Workflow for these options (``kubetune.pipelines.PipelineOptions``: placement profile, images,
+    Secrets, non-root uid) and ``argo`` (volume, artifacts, deadline).
+
+    ``params`` overrides parameter defaults by name (typed values, as ``kubetune.cli.parse_params`` gives).
+    """
+    import dataclasses
+
+    from hera.workflows import (
+        DAG,
+        Artifact,
+        Container,
+        EmptyDirVolume,
+        Env,
+        NoneArchiveStrategy,
+        Parameter,
+        Resources,
+        Task,
+        Workflow,
+    )
+    from hera.workflows import models as m
+    from kubetune.containers.images import resolve_images, version_tag
+    from kubetune.pipelines import PipelineOptions, make_pipeline
+
+    from kubetune import __version__
+
+    # The KFP model-cache volume is KFP's own; here the workspace volume holds the cache and the checkpoints.
+    options = dataclasses.replace(options or PipelineOptions(), cache_volume="")
+    argo = argo or ArgoOptions()
+    argo.validate()
+    pipeline = make_pipeline(options)
+    spec = _spec_dict(pipeline)
+    parameters = pipeline_parameters(spec, list(pipeline.component_spec.inputs or {}))
+    steps = pipeline_steps(spec)
+    kinds = {p.name: p.kfp_type for p in parameters}
+    unknown = sorted(set(params or {}) - set(kinds))
+    if unknown:
+        raise KubetuneError(f"unknown pipeline parameter(s) {', '.join(unknown)}", f"use one of: {', '.join(kinds)}")
+    overrides = {name: parameter_value(value, kinds[name]) for name, value in (params or {}).items()}
+    runtime_selector = GPU_NODE_SELECTOR_PARAMETER in kinds
+    images = resolve_images(options.cpu_image or None, options.gpu_image or None)
+    outputs = {(step.task, flag): artifact_path(step.task, flag, kind)
+               for step in steps for flag, kind in step.artifacts_out.items()}
+    non_root = options.run_as_user is not None
+    container_security = m.SecurityContext(allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"]),
+                                           run_as_non_root=True if non_root else None)
+
+    templates: dict[str, Container] = {}
+    for step in steps:
+        placement = options.profile.steps[step.placement]
+        resources = Resources(
+            cpu_request=placement.cpu or None, cpu_limit=placement.cpu_limit or None,
+            memory_request=placement.memory or None, memory_limit=placement.memory_limit or None,
+            **({"gpus": placement.accelerator_count, "gpu_flag": placement.accelerator} if placement.uses_gpu else {}),
+        )
+        inputs = [*step.inputs, *step.constants]
+        args = [f"--{flag}={{{{inputs.parameters.{flag}}}}}" for flag in inputs]
+        args += [f"--{flag}={outputs[source]}" for flag, source in step.artifacts_in.items()]
+        args += [f"--{flag}={outputs[(step.task, flag)]}" for flag in step.artifacts_out]
+        secret_env, secret_volumes = _secret_env(step.placement, options)
+        gpu_selector_patch = runtime_selector and placement.uses_gpu
+        result_artifacts = [
+            Artifact(name=flag, path=outputs[(step.task, flag)],
+                     archive=None if step.artifacts_out[flag] == "system.Model" else NoneArchiveStrategy())
+            for flag in RESULT_ARTIFACTS.get(step.task, ()) if argo.artifacts
+        ]
+        volumes = [*secret_volumes]
+        if placement.shm_size:
+            # PyTorch data loaders and NCCL use /dev/shm; the container default (64 MiB) is far too small.
+            volumes.append(EmptyDirVolume(name="dshm", mount_path="/dev/shm", medium="Memory",
+                                          size_limit=placement.shm_size))
+        templates[step.task] = Container(
+            name=step.task,
+            image=images.gpu if placement.uses_gpu else images.cpu,
+            command=["python", "-m", "kubetune.stepcli", STEP_COMMANDS[step.task]],
+            args=args,
+            working_dir=WORKSPACE,
+            inputs=[Parameter(name=flag) for flag in inputs],
+            outputs=result_artifacts or None,
+            # Model downloads land on the volume: an existing claim keeps them between runs.
+            env=[Env(name="HF_HOME", value=f"{WORKSPACE}/.cache/huggingface"), *secret_env],
+            resources=resources,
+            node_selector=None if gpu_selector_patch else placement.node_selector or None,
+            pod_spec_patch=(
+                f'{{"nodeSelector": {{{{workflow.parameters.{GPU_NODE_SELECTOR_PARAMETER}}}}}}}'
+                if gpu_selector_patch else None
+            ),
+            tolerations=[m.Toleration(**toleration) for toleration in placement.tolerations] or None,
+            volume_mounts=[m.VolumeMount(name="workspace", mount_path=WORKSPACE)],
+            volumes=volumes or None,
+            retry_strategy=_retry_strategy(step.retry),
+            # per pod, so each retry gets the full time again
+            active_deadline_seconds=str(placement.timeout_s) if placement.timeout_s else None,
+            security_context=container_security,
+        )
+
+    dag = DAG(name=DAG_NAME, tasks=[
+        Task(
+            name=step.task,
+            template=templates[step.task],
+            dependencies=step.dependencies or None,
+            arguments=[Parameter(name=flag, value=f"{{{{workflow.parameters.{source}}}}}")
+                       for flag, source in step.inputs.items()]
+            + [Parameter(name=flag, value=value) for flag, value in step.constants.items()],
+        )
+        for step in steps
+    ])
+    if argo.pvc:
+        volumes = [m.Volume(name="workspace",
+                            persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=argo.pvc))]
+        claim_templates = None
+    else:
+        volumes = None
+        claim_templates = [m.PersistentVolumeClaim(
+            metadata=m.ObjectMeta(name="workspace"),
+            spec=m.PersistentVolumeClaimSpec(
+                access_modes=[argo.access_mode],
+                storage_class_name=argo.storage_class or None,
+                resources=m.VolumeResourceRequirements(
+                    requests={"storage": m.Quantity(root=argo.pvc_size or DEFAULT_PVC_SIZE)}),
+            ),
+        )]
+    deadline = argo.active_deadline_seconds or _critical_path_s(steps, options.profile)
+    uid = options.run_as_user
+    return Workflow(
+        generate_name=argo.generate_name,
+        labels={"app.kubernetes.io/name": "kubetune", "app.kubernetes.io/version": version_tag(__version__),
+                "kubetune/placement-profile": options.profile.name},
+        annotations={"workflows.argoproj.io/description": spec["pipelineInfo"].get("description", "")},
+        entrypoint=DAG_NAME,
+        arguments=[Parameter(name=p.name, value=overrides.get(p.name, p.default), description=p.description or None)
+                   for p in parameters],
+        templates=[dag, *templates.values()],
+        volumes=volumes,
+        volume_claim_templates=claim_templates,
+        # a failed run keeps its volume, so `argo retry` resumes training from the checkpoints on it
+        volume_claim_gc=None if argo.pvc else m.VolumeClaimGC(strategy="OnWorkflowSuccess"),
+        active_deadline_seconds=deadline or None,
+        pod_gc=m.PodGC(strategy="OnPodSuccess"),
+        ttl_strategy=m.TTLStrategy(seconds_after_success=TTL_AFTER_SUCCESS_S,
+                                   seconds_after_failure=TTL_AFTER_FAILURE_S),
+        security_context=m.PodSecurityContext(
+            run_as_non_root=True, run_as_user=uid, run_as_group=uid, fs_group=uid,
+            fs_group_change_policy="OnRootMismatch", seccomp_profile=m.SeccompProfile(type="RuntimeDefault"),
+        ) if non_root else m.PodSecurityContext(seccomp_profile=m.SeccompProfile(type="RuntimeDefault")),
+        service_account_name=argo.service_account or None,
+    )
+
+
+def workflow_manifest(workflow) -> dict[str, Any]:
+    """The Workflow as the plain dict that goes into the YAML file and the Argo Server request."""
+    return workflow.to_dict()
+
+
+def write_workflow(workflow, path: str | os.PathLike) -> str:
+    from kubetune.storage import atomic_file
+
+    with atomic_file(path) as staging:
+        Path(staging).write_text(workflow.to_yaml(allow_unicode=True, width=120), encoding="utf-8")
+    return str(path)
+
+
+# -- submission ------------------------------------------------------------------------------------------------
+def server_url(host: str, environ: dict[str, str] | None = None) -> str:
+    """``https://host:2746`` from a URL or from ``host:port`` as the argo CLI's ARGO_SERVER holds it."""
+    environ = os.environ if environ is None else environ
+    host = host.strip().rstrip("/")
+    if host and "://" not in host:
+        secure = environ.get("ARGO_SECURE", "true").strip().lower() not in {"false", "0", "no"}
+        host = ("https://" if secure else "http://") + host
+    return host
+
+
+def submit_workflow(workflow, host: str, token: str = "", namespace: str = DEFAULT_NAMESPACE, *,
+                    verify_ssl: bool = True, timeout_s: float = 30.0) -> tuple[str, str]:
+    """Create the workflow through the Argo Server. Returns (workflow name, UI link)."""
+    import requests
+    from hera.exceptions import Forbidden, HeraException, NotFound, Unauthorized
+    from hera.workflows import WorkflowsService
+    from hera.workflows.models import WorkflowCreateRequest
+
+    class _Session(requests.Session):  # Hera sets no timeout: a silent host would hang the command
+        def request(self, method, url, **kwargs):
+            kwargs.setdefault("timeout", timeout_s)
+            return super().request(method, url, **kwargs)
+
+    if not host.startswith(("http://", "https://")):
+        raise KubetuneError(f"Argo Server address {host!r} has no http:// or https://",
+                            "pass --host https://argo.example.com:2746 or set ARGO_SERVER")
+    service = WorkflowsService(host=host, token=token or None, namespace=namespace, verify_ssl=verify_ssl,
+                               session=_Session())
+    fix_token = "pass a valid --token or ARGO_TOKEN (e.g. `argo auth token`, or a service account token)"
+    try:
+        with service:
+            created = service.create_workflow(WorkflowCreateRequest(workflow=workflow.build()), namespace=namespace)
+    except Unauthorized as exc:
+        raise KubetuneError(f"the Argo Server at {host} rejected the credentials (401 Unauthorized)",
+                            fix_token) from exc
+    except Forbidden as exc:
+        raise KubetuneError(f"the Argo Server at {host} refused to create workflows in namespace {namespace} "
+                            "(403 Forbidden)",
+                            f"use a token whose service account may create workflows in {namespace}, or another "
+                            "--namespace") from exc
+    except NotFound as exc:
+        raise KubetuneError(f"{host} has no Argo Server API for namespace {namespace} (404): {exc}",
+                            "check --host (the Argo Server URL, e.g. https://argo.example.com:2746) and "
+                            "--namespace") from exc
+    except HeraException as exc:
+        raise KubetuneError(f"the Argo Server at {host} did not create the workflow: {exc}",
+                            "read the server's message above; `kubetune argo -o FILE` writes the manifest to "
+                            "check with `argo lint FILE`") from exc
+    except requests.exceptions.SSLError as exc:
+        raise KubetuneError(f"TLS verification failed for {host}: {exc}",
+                            "use the server's https URL with a trusted certificate, or --insecure-skip-verify "
+                            "for a test server") from exc
+    except (requests.ConnectionError, requests.Timeout) as exc:
+        raise KubetuneError(f"cannot reach the Argo Server at {host}: {type(exc).__name__}",
+                            "check --host / ARGO_SERVER (scheme, host and port, e.g. https://localhost:2746 with "
+                            "`kubectl -n argo port-forward svc/argo-server 2746:2746`)") from exc
+    except (KeyError, ValueError) as exc:  # an error answer that is not the Argo Server's JSON
+        raise KubetuneError(f"{host} answered with something other than the Argo Server API ({exc!r})",
+                            "check that --host points at the Argo Server") from exc
+    name = created.metadata.name or ""
+    return name, f"{host}/workflows/{namespace}/{name}"
+
+
+# -- command ---------------------------------------------------------------------------------------------------
+SECRET_FLAGS = {  # PipelineOptions field → help; added unless the shared placement flags already have them
+    "hub_secret": "Secret with HF_TOKEN, for prep and the model download",
+    "mlflow_secret": "Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN",
+    "object_store_secret": "Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...",
+    "gcs_secret": "Secret with a Google service-account key file",
+}
+
+
+def cmd_argo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from kubetune.cli import parse_params, placement_options
+
+    argo = ArgoOptions(pvc=args.pvc, pvc_size=args.pvc_size, storage_class=args.storage_class,
+                       access_mode=args.pvc_access_mode, service_account=args.service_account,
+                       artifacts=args.artifacts, active_deadline_seconds=args.active_deadline_seconds)
+    argo.validate()
+    host = server_url(args.host or os.environ.get("ARGO_SERVER", ""))
+    if args.submit and not host:
+        raise KubetuneError("--submit needs the Argo Server address",
+                            "pass --host https://argo.example.com:2746 or set ARGO_SERVER")
+    options = placement_options(args)
+    options = dataclasses.replace(options, **{name: getattr(args, name) for name in SECRET_FLAGS if hasattr(args, name)})
+    workflow = build_workflow(options, argo, parse_params(args.param))
+    if args.output:
+        print(write_workflow(workflow, args.output), file=sys.stderr if args.submit else sys.stdout)
+    if not argo.pvc:
+        print("note: the volume created for the run is deleted when the workflow succeeds; adapter and report then "
+              "live in MLflow (set mlflow_tracking_uri or the MLflow secret to a tracking server)"
+              + ("" if argo.artifacts else "; add --artifacts or --pvc NAME to keep them in the cluster too"),
+              file=sys.stderr)
+    if args.submit:
+        insecure = args.insecure_skip_verify or os.environ.get("ARGO_INSECURE_SKIP_VERIFY", "").lower() == "true"
+        namespace = args.namespace or os.environ.get("ARGO_NAMESPACE", "") or DEFAULT_NAMESPACE
+        name, link = submit_workflow(workflow, host, args.token or os.environ.get("ARGO_TOKEN", ""), namespace,
+                                     verify_ssl=not insecure)
+        print(f"workflow: {name}")
+        print(f"ui:       {link}")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``argo`` on a subparsers object."""
+    from kubetune.pipelines import PipelineOptions
+
+    from kubetune.cli import _add_placement_flags
+
+    parser = sub.add_parser("argo", help="write (and submit) the pipeline as a plain Argo Workflow",
+                            description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", default="kubetune-workflow.yaml",
+                        help="manifest file to write ('' = none)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="pipeline parameter: the default of the workflow argument of that name")
+    _add_placement_flags(parser)
+    volume = parser.add_argument_group("volume (mounted at /workspace in every step)")
+    volume.add_argument("--pvc", default="", metavar="NAME", help="existing PersistentVolumeClaim to use")
+    volume.add_argument("--pvc-size", default="", help=f"size of the claim created per workflow ({DEFAULT_PVC_SIZE})")
+    volume.add_argument("--storage-class", default="", help="storage class of the created claim")
+    volume.add_argument("--pvc-access-mode", default="ReadWriteOnce", choices=("ReadWriteOnce", "ReadWriteMany"))
+    run = parser.add_argument_group("run")
+    defaults = PipelineOptions.__dataclass_fields__
+    for name, help_text in SECRET_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        if flag not in parser._option_string_actions:
+            run.add_argument(flag, dest=name, default=defaults[name].default,
+                             help=f"{help_text} (optional; default: %(default)r, '' = none)")
+    run.add_argument("--service-account", default="", help="service account the step pods run as")
+    run.add_argument("--artifacts", action="store_true",
+                     help="also save adapter, report and metrics to the cluster's artifact repository")
+    run.add_argument("--active-deadline-seconds", type=int, default=0,
+                     help="deadline of the whole workflow (default: from the profile's step timeouts)")
+    submit = parser.add_argument_group("submit (Argo Server)")
+    submit.add_argument("--submit", action="store_true", help="create the workflow through the Argo Server")
+    submit.add_argument("--host", default="", help="Argo Server URL (default: ARGO_SERVER)")
+    submit.add_argument("--token", default="", help="bearer token (default: ARGO_TOKEN)")
+    submit.add_argument("--namespace", default="", help=f"namespace (default: ARGO_NAMESPACE, else {DEFAULT_NAMESPACE})")
+    submit.add_argument("--insecure-skip-verify", action="store_true", help="skip TLS verification")
+    parser.set_defaults(func=cmd_argo)
