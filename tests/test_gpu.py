@@ -53,11 +53,12 @@ def test_cpu_quantized_model_trains_and_evaluates_on_gpu(tiny_model_dir, tmp_pat
     data = DataConfig(max_length=256)
     prepare_dataset(data, tokenizer, str(tmp_path / "train.parquet"), str(tmp_path / "eval.parquet"))
     result = train_lora(str(quantized), str(tmp_path / "train.parquet"), str(tmp_path / "adapter"),
-                        lora=LoraSettings(), train=TrainConfig(learning_rate=2e-3, num_epochs=2, save_steps=0),
+                        lora=LoraSettings(), train=TrainConfig(learning_rate=1e-2, num_epochs=2, save_steps=0),
                         max_length=256, checkpoint_dir=str(tmp_path / "ckpt"))
     assert result.plan.attention == "kubetune_varlen"
     assert result.metrics["global_step"] > 0
-    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    losses = [row["loss"] for row in result.history if "loss" in row]
+    assert losses[-1] < losses[0]
 
     evaluation = evaluate_adapter(str(quantized), str(tmp_path / "adapter"), str(tmp_path / "eval.parquet"),
                                   str(tmp_path / "report.html"), EvalConfig(max_new_tokens=16, max_generation_samples=4))
