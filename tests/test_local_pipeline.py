@@ -1,0 +1,63 @@
+"""The README's local run, end to end: `kubetune run --local` with no arguments, under kfp.local."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("local-run")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", "--local", "--workdir", str(workdir)],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=1800,
+    )
+    assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return workdir, summary
+
+
+def test_summary_line_points_at_real_outputs(local_run):
+    workdir, summary = local_run
+    adapter, report = Path(summary["adapter"]), Path(summary["report"])
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in adapter.iterdir()}
+    assert "<html" in report.read_text(encoding="utf-8").lower()
+    assert summary["mlflow_tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
+    assert (workdir / "tiny-model" / "config.json").is_file()
+
+
+def test_tuned_model_beats_base_and_mlflow_has_the_run(local_run):
+    from mlflow import MlflowClient
+
+    _, summary = local_run
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    metrics = run.data.metrics
+    assert metrics["eval.tuned_eval_loss"] < metrics["eval.base_eval_loss"]
+    assert run.data.params["lora.lora_r"] == "16" and run.data.params["data.dataset"] == "kubetune://tcm-demo"
+    history = client.get_metric_history(run.info.run_id, "train.loss")
+    assert len(history) == metrics["sft.global_step"] and len(history) > 5
+    assert metrics["data.rows_in"] > metrics["data.rows_kept"] > 0
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
+    assert "adapter/adapter_model.safetensors" in logged
+    assert run.info.status == "FINISHED"
+
+
+def test_adapter_loads_onto_the_base_model(local_run):
+    from peft import PeftModel
+
+    from kubetune.modeling import load_model
+
+    _, summary = local_run
+    base = load_model(summary["base_model"])
+    tuned = PeftModel.from_pretrained(base, summary["adapter"])
+    assert any("lora_A" in name for name, _ in tuned.named_parameters())
