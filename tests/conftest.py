@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+pytest_plugins = ["mlflow_server"]  # the MLflow server and two-run fixtures (tests/mlflow_server.py)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
