@@ -33,10 +33,11 @@ def train_lora(
     mlflow_experiment: str = "kubetune",
     kfp_run_id: str = "",
     kfp_run_name: str = "",
+    num_gpus: int = 1,
 ) -> NamedTuple("TrainOutputs", mlflow_run_id=str):
     """Train a LoRA adapter with TRL's SFTTrainer on the 4-bit model: loss on completions only, packed batches
-    in which each sample attends only to itself, checkpoints that a retry resumes from. Logs parameters, dataset
-    statistics, per-step metrics and the adapter to MLflow.
+    in which each sample attends only to itself, checkpoints that a retry resumes from, data-parallel over
+    num_gpus GPUs. Logs parameters, dataset statistics, per-step metrics and the adapter to MLflow.
 
     Args:
         model: The 4-bit base model from quantize_model.
@@ -61,6 +62,7 @@ def train_lora(
         mlflow_experiment: MLflow experiment name.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name, used as the MLflow run name.
+        num_gpus: Data-parallel processes, one per GPU (torchrun, DDP); set it to the step's accelerator count.
 
     Returns:
         adapter: The LoRA adapter (safetensors) and tokenizer; metadata holds the MLflow run id.
@@ -70,8 +72,9 @@ def train_lora(
     from collections import namedtuple
 
     from kubetune.config import LoraSettings, TrainConfig
+    from kubetune.distributed import train
     from kubetune.errors import clear_errors
-    from kubetune.steps import Tracking, train
+    from kubetune.steps import Tracking
 
     with clear_errors():
         result = train(
@@ -90,6 +93,7 @@ def train_lora(
             tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name),
             model_metadata=dict(model.metadata),
             data_metadata=dict(train_data.metadata),
+            nproc=num_gpus,
         )
     for name, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -170,6 +170,53 @@ def plan_speed(
     )
 
 
+def init_distributed(world: int) -> str | None:
+    """Under torchrun (``world`` > 1): bind this rank to its GPU (``LOCAL_RANK``) and join the process group (NCCL
+    on CUDA, gloo on the CPU) before the plan is made, so free memory is read on this rank's own GPU and the ranks
+    can agree on one plan. Returns the backend, or None for a single process."""
+    if world <= 1:
+        return None
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():  # the trainer (accelerate) then uses this group
+        dist.init_process_group(
+            backend, timeout=timedelta(minutes=30),
+            **({"device_id": torch.device("cuda", torch.cuda.current_device())} if cuda else {}),
+        )
+    return backend
+
+
+def agree_across_ranks(plan: SpeedPlan) -> SpeedPlan:
+    """One plan for every rank: DDP needs the same number of batches per rank, so all take the smallest packed
+    batch any rank's free memory allows, and checkpointing if any rank needs it (a smaller batch with
+    checkpointing fits wherever the larger one without it did)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return plan
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    values = torch.tensor([-plan.per_device_batch, int(plan.gradient_checkpointing)], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    per_device_batch, checkpointing = -int(values[0]), bool(values[1])
+    if (per_device_batch, checkpointing) != (plan.per_device_batch, plan.gradient_checkpointing):
+        plan.reasons.append(
+            f"{dist.get_world_size()} ranks agreed on per_device_batch={per_device_batch}, checkpointing "
+            f"{'on' if checkpointing else 'off'} (rank {dist.get_rank()} alone planned {plan.per_device_batch}, "
+            f"{'on' if plan.gradient_checkpointing else 'off'})"
+        )
+        plan.batch_tokens = plan.batch_tokens // plan.per_device_batch * per_device_batch
+        plan.per_device_batch, plan.gradient_checkpointing = per_device_batch, checkpointing
+    return plan
+
+
 def last_complete_checkpoint(checkpoint_dir: str) -> str | None:
     """The newest ``checkpoint-N`` that was fully written (a kill during a save leaves an incomplete one)."""
     root = Path(checkpoint_dir)
@@ -261,9 +308,11 @@ def train_lora(
 
     from transformers import AutoConfig
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = init_distributed(world)
     weights_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
     model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)
-    plan = plan_speed(train, max_length, model_config, weights_bytes=weights_bytes)
+    plan = agree_across_ranks(plan_speed(train, max_length, model_config, weights_bytes=weights_bytes))
     if plan.attention == varlen.NAME:
         varlen.register()
     model = load_model(model_dir, attention=plan.attention, trust_remote_code=train.trust_remote_code)
@@ -271,7 +320,6 @@ def train_lora(
     targets = check_target_modules(model, lora)
     dataset = load_prepared(train_path).select_columns(["input_ids", "completion_mask"])
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     args = SFTConfig(
         output_dir=checkpoint_dir,
         max_length=max_length,
@@ -305,7 +353,9 @@ def train_lora(
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=2 if torch.cuda.is_available() else 0,
         dataset_num_proc=None,
-        ddp_find_unused_parameters=False if world > 1 else None,
+        ddp_find_unused_parameters=False if world > 1 else None,  # LoRA on every targeted layer gets a gradient
+        ddp_backend=backend,
+        use_cpu=backend == "gloo",  # accelerate runs CPU ranks as DDP only when told it is on the CPU
         disable_tqdm=True,
     )
     peft_config = LoraConfig(
@@ -318,14 +368,16 @@ def train_lora(
     )
     started = [time.time()]
     step_metrics = _step_callback(metrics_sink, started)
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[step_metrics, *(extra_callbacks or [])],
-    )
+    # Rank 0 tokenizes and packs first; the other ranks then read its datasets cache instead of racing to write it.
+    with args.main_process_first(local=True, desc="packing the training set"):
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[step_metrics, *(extra_callbacks or [])],
+        )
     resume = last_complete_checkpoint(checkpoint_dir)
     resumed_from_step = int(resume.rsplit("-", 1)[-1]) if resume else 0
     if torch.cuda.is_available():
@@ -371,6 +423,8 @@ def train_lora(
                     default=str,
                 )
             )
+    # The other ranks return once the adapter is complete, so the step's processes end together.
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(
         adapter_dir=adapter_dir,
         metrics=metrics,

@@ -77,6 +77,17 @@ def _bool(raw: str) -> bool:
     raise argparse.ArgumentTypeError(f"{raw!r} is not a boolean (use true or false)")
 
 
+def _whole(raw: str) -> int:
+    """An integer; ``2.0`` too, as a KFP number constant arrives in a plain Argo Workflow."""
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a whole number")
+    return int(value)
+
+
 def _list(raw: str) -> list[str]:
     """A JSON list (as a list pipeline parameter arrives from Argo) or ``a|b|c``."""
     if raw.strip().startswith("["):
@@ -167,10 +178,15 @@ def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": args.model, **_numbers(metadata)}
 
 
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """LoRA SFT: writes the adapter, ``<adapter>.metadata.json`` (the MLflow run) and the metrics JSON."""
+def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
+    """LoRA SFT: writes the adapter, ``<adapter>.metadata.json`` (the MLflow run) and the metrics JSON.
+
+    Trains on ``--num_gpus`` GPUs (default: all visible) through torchrun; already under torchrun (e.g. in a
+    TrainJob) it runs as its rank, and only rank 0 writes and prints.
+    """
     _require_inputs({"model": "quantize", "train_data": "prep"}, args)
-    from kubetune.steps import Tracking, train
+    from kubetune.distributed import is_rank_zero, train
+    from kubetune.steps import Tracking
 
     model_metadata, data_metadata = read_metadata(args.model), read_metadata(args.train_data)
     metrics_path = args.metrics or beside(args.adapter, ".metrics.json")
@@ -183,7 +199,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         tracking=Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name),
         model_metadata=model_metadata,
         data_metadata=data_metadata,
+        nproc=args.num_gpus,
     )
+    if not is_rank_zero():
+        return None
     write_json(metrics_path, _numbers(result))
     write_json(metadata_path(args.adapter), {
         **{k: result[k] for k in ("mlflow_run_id", "mlflow_run_url", "tracking_uri")},
@@ -234,7 +253,8 @@ def _print_tracking_report(result: dict[str, Any]) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     summary = args.step_func(args)
-    print(json.dumps(summary, ensure_ascii=False, default=str), flush=True)
+    if summary is not None:  # None: a rank other than 0 of a distributed step
+        print(json.dumps(summary, ensure_ascii=False, default=str), flush=True)
     return 0
 
 
@@ -270,6 +290,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
           "Empty = <checkpoint_root>/<kfp_run_id>, else <adapter>.checkpoints")
     _flag(train, "checkpoint_root", "", "Volume directory for per-run checkpoints")
     _flag(train, "max_length", 0, "Maximum tokens per sample; 0 = the value prep recorded in the data's metadata")
+    train.add_argument("--num_gpus", "--num-gpus", "--nproc", dest="num_gpus", type=_whole, default=0,
+                       help="Data-parallel processes, one per GPU, started through torchrun; 0 = every visible GPU "
+                       "(1 without a GPU); ignored under torchrun (default: %(default)s)")
     _config_flags(train, LoraSettings)
     _config_flags(train, TrainConfig)
     _tracking_flags(train)

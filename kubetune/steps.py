@@ -141,7 +141,8 @@ def train(model_dir: str, train_path: str, adapter_dir: str, *, lora: LoraSettin
     from kubetune.sft import train_lora
 
     is_rank_zero = int(os.environ.get("RANK", "0")) == 0
-    tracker = tracking.tracker()
+    # Only rank 0 talks to MLflow: several ranks opening one sqlite store at once race on its schema.
+    tracker = tracking.tracker() if is_rank_zero else None
     model_metadata = model_metadata or {}
     data_metadata = data_metadata or {}
     dataset_sha256 = file_sha256(train_path) if is_rank_zero else ""
@@ -185,21 +186,23 @@ def train(model_dir: str, train_path: str, adapter_dir: str, *, lora: LoraSettin
         if is_rank_zero:  # a retry reopens the run (found by the KFP run id) and marks it running again
             tracker.finish(status="FAILED", timeout_s=30, **tracking.open_kwargs())
         raise
-    report = ""
-    if is_rank_zero:
-        tracker.log_params({"speed": {k: v for k, v in to_dict(result.plan).items()}})
-        tracker.log_metrics(result.metrics, prefix="sft.")
-        tracker.log_artifact(adapter_dir, "adapter")
-        model_name = tracking.model_name()
-        if model_name:
-            tracker.register_model(
-                model_name, "adapter", tags=_adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
-                description=_LOAD_HINT.format(uri=tracker.tracking_uri, name=model_name,
-                                              base=model_metadata.get("source", "<base model>")),
-            )
-        report = tracker.finish(timeout_s=120, **tracking.open_kwargs())
-        if report:
-            log.error(report)
+    if not is_rank_zero:
+        return {**result.metrics, **dict.fromkeys(
+            ("mlflow_run_id", "mlflow_run_url", "tracking_uri", "tracking_report", "registered_model",
+             "registered_model_version"), "")}
+    tracker.log_params({"speed": {k: v for k, v in to_dict(result.plan).items()}})
+    tracker.log_metrics(result.metrics, prefix="sft.")
+    tracker.log_artifact(adapter_dir, "adapter")
+    model_name = tracking.model_name()
+    if model_name:
+        tracker.register_model(
+            model_name, "adapter", tags=_adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
+            description=_LOAD_HINT.format(uri=tracker.tracking_uri, name=model_name,
+                                          base=model_metadata.get("source", "<base model>")),
+        )
+    report = tracker.finish(timeout_s=120, **tracking.open_kwargs())
+    if report:
+        log.error(report)
     return {
         **result.metrics,
         "mlflow_run_id": tracker.run_id,

@@ -206,6 +206,8 @@ def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - k
             checkpoint_dir=checkpoint_dir, checkpoint_root=CHECKPOINT_ROOT if options.cache_volume else "",
             mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            # one process per GPU: the accelerator count sets both the pod's GPU request and the DDP world size
+            num_gpus=max(steps["train_lora"].accelerator_count, 1) if steps["train_lora"].uses_gpu else 1,
         ).set_display_name("LoRA SFT")
         evaluation = evaluate_model(
             model=load.outputs["model"], adapter=sft.outputs["adapter"], eval_data=prep.outputs["eval_data"],
