@@ -62,6 +62,14 @@ def without_sdk_version(text: str) -> str:
     return _SDK_VERSION.sub("", text)
 
 
+def yaml_documents(text: str) -> list:
+    """The parsed documents of a YAML text without its SDK version: equal content compares equal whatever the
+    string style (importing hera, for one, changes how PyYAML writes multi-line strings)."""
+    import yaml
+
+    return list(yaml.safe_load_all(without_sdk_version(text)))
+
+
 def stale_component_yamls(directory: str | Path | None = None) -> list[str]:
     """Names of the shipped component YAMLs that differ from what the code compiles to now."""
     shipped = Path(directory) if directory is not None else default_directory()
@@ -69,8 +77,8 @@ def stale_component_yamls(directory: str | Path | None = None) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         for fresh in write_component_yamls(tmp):
             current = shipped / fresh.name
-            if not current.is_file() or without_sdk_version(current.read_text(encoding="utf-8")) != \
-                    without_sdk_version(fresh.read_text(encoding="utf-8")):
+            if not current.is_file() or yaml_documents(current.read_text(encoding="utf-8")) != \
+                    yaml_documents(fresh.read_text(encoding="utf-8")):
                 stale.append(fresh.name)
     return stale
 

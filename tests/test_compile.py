@@ -28,7 +28,13 @@ from kubetune.pipelines.finetune import (
 from kubetune.pipelines.placement import GPU_STEPS, STEPS, load_profile, override, profile_names
 
 import kubetune
-from kubetune.component_yaml import COMPONENTS, default_directory, stale_component_yamls, without_sdk_version
+from kubetune.component_yaml import (
+    COMPONENTS,
+    default_directory,
+    stale_component_yamls,
+    without_sdk_version,
+    yaml_documents,
+)
 from kubetune.errors import KubetuneError
 from kubetune.tracking import SECRET_NAME
 
@@ -109,7 +115,7 @@ def test_golden_yaml(profile, tmp_path):
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(compiled, encoding="utf-8")
     assert golden.is_file(), f"{golden} missing: run KUBETUNE_UPDATE_GOLDEN=1 pytest {__file__}"
-    assert compiled == golden.read_text(encoding="utf-8"), (
+    assert yaml_documents(compiled) == yaml_documents(golden.read_text(encoding="utf-8")), (
         f"compiled pipeline for profile {profile!r} differs from {golden.name}; if intended, "
         "run KUBETUNE_UPDATE_GOLDEN=1 pytest tests/test_compile.py and review the diff"
     )
