@@ -7,6 +7,7 @@ names. ``validate()`` collects every problem and raises once (see :func:`kubetun
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -26,6 +27,18 @@ DEFAULT_PERSONA = (
 )
 SAMPLE_DATASET = "kubetune://tcm-demo"
 ALL_LINEAR = "all-linear"
+
+
+def _check_choices(config: Any, problems: list[tuple[str, str]]) -> None:
+    """Every ``Literal[...]`` field holds one of its values (components and the CLI pass plain strings)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if typing.get_origin(hints[f.name]) is Literal:
+            allowed = typing.get_args(hints[f.name])
+            value = getattr(config, f.name)
+            if value not in allowed:
+                problems.append((f"{f.name}={value!r} is not one of {', '.join(allowed)}",
+                                 f"set {f.name} to one of: {', '.join(allowed)}"))
 
 
 def _help(text: str, default: Any) -> Any:
@@ -71,6 +84,10 @@ class DataConfig:
     num_proc: int = _help("Processes for tokenization (0 = one per CPU core, at most 8).", 0)
 
     def validate(self) -> None:
+        collect(self.problems())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (problem, fix) of these settings; empty when they are valid."""
         problems: list[tuple[str, str]] = []
         if not self.dataset.strip():
             problems.append(("dataset is empty", f"pass a file, folder, s3:// or gs:// URI, hub id or {SAMPLE_DATASET}"))
@@ -84,7 +101,10 @@ class DataConfig:
             problems.append((f"max_samples={self.max_samples} is negative", "use 0 for all rows or a positive count"))
         if self.max_eval_samples < 0:
             problems.append((f"max_eval_samples={self.max_eval_samples} is negative", "use 0 for no cap"))
-        collect(problems)
+        if self.num_proc < 0:
+            problems.append((f"num_proc={self.num_proc} is negative", "use 0 for one process per CPU core"))
+        _check_choices(self, problems)
+        return problems
 
 
 @dataclass
@@ -98,8 +118,13 @@ class QuantConfig:
     )
 
     def validate(self) -> None:
-        if self.quantization not in ("nf4", "fp4", "none"):
-            collect([(f"quantization={self.quantization!r} is unknown", "use nf4, fp4 or none")])
+        collect(self.problems())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (problem, fix) of these settings; empty when they are valid."""
+        problems: list[tuple[str, str]] = []
+        _check_choices(self, problems)
+        return problems
 
 
 @dataclass
@@ -120,6 +145,10 @@ class LoraSettings:
         return [m.strip() for m in self.target_modules.split(",") if m.strip()]
 
     def validate(self) -> None:
+        collect(self.problems())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (problem, fix) of these settings; empty when they are valid."""
         problems: list[tuple[str, str]] = []
         if self.lora_r <= 0:
             problems.append((f"lora_r={self.lora_r} must be positive", "use a rank such as 8, 16 or 64"))
@@ -129,7 +158,7 @@ class LoraSettings:
             problems.append((f"lora_dropout={self.lora_dropout} is outside [0, 1)", "use 0.0 to 0.1"))
         if not self.target_list():
             problems.append(("target_modules is empty", f"use {ALL_LINEAR} or names like q_proj,v_proj"))
-        collect(problems)
+        return problems
 
 
 @dataclass
@@ -164,6 +193,10 @@ class TrainConfig:
     trust_remote_code: bool = _help("Allow model code from the hub (off: only architectures transformers ships).", False)
 
     def validate(self) -> None:
+        collect(self.problems())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (problem, fix) of these settings; empty when they are valid."""
         problems: list[tuple[str, str]] = []
         if self.learning_rate <= 0:
             problems.append((f"learning_rate={self.learning_rate} must be positive", "use e.g. 2e-4 for LoRA"))
@@ -179,7 +212,13 @@ class TrainConfig:
             problems.append((f"warmup_ratio={self.warmup_ratio} is outside [0, 1)", "use e.g. 0.03"))
         if self.save_steps < 0:
             problems.append((f"save_steps={self.save_steps} is negative", "use 0 to save only at the end"))
-        collect(problems)
+        if self.save_total_limit < 1:
+            problems.append((f"save_total_limit={self.save_total_limit} keeps no checkpoint to resume from",
+                             "keep at least 1 (2 survives a kill during a save)"))
+        if self.logging_steps < 1:
+            problems.append((f"logging_steps={self.logging_steps} must be >= 1", "use 1 to log every step"))
+        _check_choices(self, problems)
+        return problems
 
 
 @dataclass
@@ -196,12 +235,32 @@ class EvalConfig:
     eval_batch_tokens: int = _help("Tokens per batch for loss/perplexity (0 = auto).", 0)
 
     def validate(self) -> None:
+        collect(self.problems())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (problem, fix) of these settings; empty when they are valid."""
         problems: list[tuple[str, str]] = []
         if self.max_new_tokens <= 0:
             problems.append((f"max_new_tokens={self.max_new_tokens} must be positive", "use e.g. 256"))
         if self.generation_batch_size < 0:
             problems.append((f"generation_batch_size={self.generation_batch_size} is negative", "use 0 for auto"))
-        collect(problems)
+        if self.max_generation_samples < 0:
+            problems.append((f"max_generation_samples={self.max_generation_samples} is negative", "use 0 for all"))
+        if self.eval_batch_tokens < 0:
+            problems.append((f"eval_batch_tokens={self.eval_batch_tokens} is negative", "use 0 for auto"))
+        return problems
+
+
+def validate_parameters(values: dict[str, Any]) -> None:
+    """Check pipeline parameter values (by name, as ``--param`` and the Kubeflow UI set them) against the rules of
+    every config they feed, before anything runs: one error listing every problem, instead of a step failing
+    minutes into the run. Names no config declares are ignored."""
+    problems: list[tuple[str, str]] = []
+    for cls in (DataConfig, QuantConfig, LoraSettings, TrainConfig, EvalConfig):
+        for problem in from_dict(cls, values).problems():
+            if problem not in problems:  # seed, say, feeds two configs
+                problems.append(problem)
+    collect(problems)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -27,6 +27,13 @@ Outputs (parquet, one row per sample): ``prompt`` (rendered prompt text), ``comp
 The prompt's token ids are ``input_ids`` where ``completion_mask`` is 0; generation should start from them.
 A sample truncated to ``max_length`` keeps its prompt and the first completion tokens and gets no eos, since
 the answer does not end there. Working files go to a temporary folder (set TMPDIR for very large data).
+
+Secrets: the values of secret environment variables (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ...; see
+:func:`secret_values_in_env`) are replaced by ``***`` in the persona and in every prompt and answer, so a token
+that slipped into the data or a parameter is neither written to the prepared files nor learned by the model.
+The rows where that happened are counted (``redacted_secret_rows``), and ``config.persona`` is redacted in place,
+so whatever records the settings afterwards (artifact metadata, MLflow params, evaluation's probe prompts) holds
+the persona exactly as training saw it, and no secret.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ import pyarrow.compute as pc
 from kubetune.config import SAMPLE_DATASET, DataConfig
 from kubetune.errors import KubetuneError
 from kubetune.storage import atomic_file
+from kubetune.tracking import REDACTED, secret_values
 
 if TYPE_CHECKING:
     import datasets
@@ -98,6 +106,20 @@ class PrepResult:
     summary_markdown: str
     format: str = ""
     columns: dict[str, str] = field(default_factory=dict)
+
+
+def secret_values_in_env(environ: dict[str, str] | None = None) -> list[str]:
+    """Values of secret environment variables to keep out of training data: the ones MLflow logging redacts
+    (:func:`kubetune.tracking.secret_values`), less those short or purely alphabetic enough to be plain words."""
+    return [v for v in secret_values(environ) if len(v) >= 8 and not v.isalpha()]
+
+
+def redact_secrets(text: str, secrets: list[str]) -> str:
+    """``text`` with every one of ``secrets`` (longest first) replaced by ``***``."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -549,23 +571,40 @@ def _check_arrow_types(dataset: datasets.Dataset, layout: _Layout) -> None:
             )
 
 
+def _local_copies(files: tuple[str, ...], scratch: str) -> list[str]:
+    """Remote (fsspec) files copied into the scratch folder, local ones as they are: ``datasets`` refuses remote
+    paths when offline (HF_DATASETS_OFFLINE), and would download them to its cache anyway."""
+    import shutil
+
+    local = []
+    for index, file in enumerate(files):
+        if not _uri_scheme(file):
+            local.append(file)
+            continue
+        target = Path(scratch) / "remote" / f"{index:05d}-{file.rstrip('/').rsplit('/', 1)[-1]}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _open(file) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        local.append(str(target))
+    return local
+
+
 def _read_with_datasets(
     source: _Source, config: DataConfig, scratch: str
 ) -> tuple[datasets.Dataset, _Layout]:
     import datasets
 
     try:
+        files = _local_copies(source.files, scratch)
         if source.hub_id:
             dataset = datasets.load_dataset(source.hub_id, split=config.dataset_split)
         elif source.extension == ".csv":
             # keep_default_na=False: an empty cell is "", not a float NaN that turns a text column numeric
             dataset = datasets.load_dataset(
-                "csv", data_files=list(source.files), split="train", cache_dir=scratch, keep_default_na=False
+                "csv", data_files=files, split="train", cache_dir=scratch, keep_default_na=False
             )
         else:
-            dataset = datasets.load_dataset(
-                "parquet", data_files=list(source.files), split="train", cache_dir=scratch
-            )
+            dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=scratch)
     except KubetuneError:
         raise
     except Exception as error:
@@ -631,8 +670,9 @@ class _Prepare:
 
     OK, TRUNCATED, TOO_LONG, EMPTY = 0, 1, 2, 3
 
-    def __init__(self, config: DataConfig, fmt: str, tokenizer: Any, prefix: list[int]):
+    def __init__(self, config: DataConfig, fmt: str, tokenizer: Any, prefix: list[int], secrets: list[str]):
         self.style = config.prompt_style
+        self.secrets = secrets
         self.persona = config.persona
         self.fmt = fmt
         self.tokenizer = tokenizer
@@ -684,7 +724,7 @@ class _Prepare:
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         columns = list(batch)
-        prompts, answers, errors, hashes = [], [], [], []
+        prompts, answers, errors, hashes, redacted = [], [], [], [], []
         for i, index in enumerate(indices):
             try:
                 prompt, answer = self._render({c: batch[c][i] for c in columns})
@@ -692,6 +732,13 @@ class _Prepare:
             except ValueError as error:
                 prompt, answer = "", ""
                 errors.append(f"row {index}: {error}")
+            if self.secrets:
+                clean_prompt, clean_answer = redact_secrets(prompt, self.secrets), redact_secrets(answer, self.secrets)
+                # a row's own system message may carry one; the persona's (already redacted) does not count
+                redacted.append(int(clean_prompt != prompt or clean_answer != answer))
+                prompt, answer = clean_prompt, clean_answer
+            else:
+                redacted.append(0)
             prompts.append(prompt)
             answers.append(answer)
             key = prompt.encode("utf-8") + b"\0" + answer.encode("utf-8")
@@ -711,6 +758,7 @@ class _Prepare:
             "_completion_tokens": [0] * n,
             "_error": errors,
             "_hash": hashes,
+            "_redacted": redacted,
         }
         limit = self.max_length
         for i, prompt, answer in zip(todo, prompt_ids, answer_ids, strict=True):
@@ -783,12 +831,19 @@ def prepare_dataset(config: DataConfig, tokenizer: Any, train_path: str, eval_pa
     """Read ``config.dataset``, render prompt/completion pairs, clean, tokenize, split and write parquet.
 
     ``tokenizer`` is a loaded transformers tokenizer. Writes ``train_path`` and ``eval_path`` atomically (a
-    killed step leaves no partial file) and returns stats and a Markdown summary.
+    killed step leaves no partial file) and returns stats and a Markdown summary. Secret values are redacted
+    from the persona (``config.persona`` too) and the rows; see the module docstring.
     """
     config.validate()
     _check_tokenizer(config, tokenizer)
     started = time.perf_counter()
     source = _resolve_source(config.dataset)
+    secrets = secret_values_in_env()
+    persona = redact_secrets(config.persona, secrets)
+    if persona != config.persona:
+        log.warning("prep: the persona holds the value of a secret environment variable; it is replaced by %s",
+                    REDACTED)
+        config.persona = persona  # see the module docstring: the settings describe what was written
     with tempfile.TemporaryDirectory(prefix="kubetune-prep-") as scratch:
         raw, layout = _read(source, config, scratch)
         rows_in = len(raw)
@@ -807,6 +862,7 @@ def prepare_dataset(config: DataConfig, tokenizer: Any, train_path: str, eval_pa
                 layout.format,
                 tokenizer,
                 _special_prefix(tokenizer) if config.prompt_style == "expert" else [],
+                secrets,
             ),
             batched=True,
             with_indices=True,
@@ -864,6 +920,10 @@ def prepare_dataset(config: DataConfig, tokenizer: Any, train_path: str, eval_pa
         lengths = np.asarray(table.column("length").to_numpy())
         written = lengths[np.concatenate([train_idx, eval_idx])]
         completion_tokens = np.asarray(table.column("_completion_tokens").to_numpy())
+        redacted_rows = int(pc.sum(table.column("_redacted")).as_py() or 0)
+        if redacted_rows:
+            log.warning("prep: %d row(s) held the value of a secret environment variable; replaced by %s",
+                        redacted_rows, REDACTED)
         with atomic_file(train_path) as train_tmp, atomic_file(eval_path) as eval_tmp:
             _write_parquet(table, train_idx, train_tmp)
             _write_parquet(table, eval_idx, eval_tmp)
@@ -885,6 +945,7 @@ def prepare_dataset(config: DataConfig, tokenizer: Any, train_path: str, eval_pa
             "length_mean": round(float(written.mean()), 1),
             "total_train_tokens": int(lengths[train_idx].sum()),
             "train_completion_tokens": int(completion_tokens[train_idx].sum()),
+            "redacted_secret_rows": redacted_rows,
             "prep_seconds": round(seconds, 2),
             "rows_per_s": round(rows_in / max(seconds, 1e-9), 1),
         }
@@ -905,6 +966,7 @@ def _prepared_features() -> Any:
             "_completion_tokens": Value("int32"),
             "_error": Value("string"),
             "_hash": Value("binary"),
+            "_redacted": Value("int8"),
         }
     )
 

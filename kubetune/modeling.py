@@ -17,6 +17,11 @@ from kubetune.storage import atomic_dir
 
 WEIGHT_SUFFIXES = (".safetensors",)
 METADATA_FILE = "kubetune_model.json"
+# Set (to the accelerator resource, e.g. nvidia.com/gpu) on steps whose placement gives them a GPU: a step that
+# then sees no CUDA device stops at once instead of training a 7B model on the CPU for days.
+REQUIRE_GPU_ENV = "KUBETUNE_REQUIRE_GPU"
+REQUIRE_GPU_ANNOTATION = "kubetune.io/require-gpu"  # the pod annotation the pipeline maps onto REQUIRE_GPU_ENV
+_OFF = {"", "0", "false", "no", "off"}
 
 
 @dataclass(frozen=True)
@@ -125,14 +130,55 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
             "check the model id and revision, network access to the hub (HF_TOKEN for gated models), "
             "or point base_model at a local directory with tokenizer files",
         ) from exc
+    except ValueError as exc:
+        _raise_if_remote_code(exc, resolved)
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
+def _cuda_unavailable_reason() -> str:
+    import torch
+
+    if not torch.backends.cuda.is_built():
+        return f"torch {torch.__version__} is a CPU-only build"
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # noqa: BLE001 - the driver's own words say most (version mismatch, no device)
+        return str(exc).splitlines()[0][:300]
+    return "no CUDA device is visible"
+
+
+def check_gpu_requirement(environ: dict[str, str] | None = None) -> None:
+    """Fail with the fix when the step's placement demands a GPU (``KUBETUNE_REQUIRE_GPU``) and there is none.
+
+    The pipeline sets the variable only where placement is applied (Kubernetes), so ``kfp.local`` runs, which
+    ignore placement, train on the CPU as designed.
+    """
+    import torch
+
+    environ = os.environ if environ is None else environ
+    wanted = environ.get(REQUIRE_GPU_ENV, "").strip()
+    if wanted.lower() in _OFF or torch.cuda.is_available():
+        return
+    visible = ", ".join(
+        f"{name}={environ[name]!r}" for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES") if name in environ
+    )
+    raise KubetuneError(
+        f"this step was placed on a GPU ({REQUIRE_GPU_ENV}={wanted}) but PyTorch sees none: "
+        f"{_cuda_unavailable_reason()} (torch {torch.__version__}, CUDA {torch.version.cuda or 'none'}"
+        f"{', ' + visible if visible else ''})",
+        "run the step on a node with a working NVIDIA driver and device plugin (`nvidia-smi` in the pod must list "
+        "the GPU) and the GPU image, whose CUDA version the driver must support; to run it on the CPU on purpose, "
+        f"set {REQUIRE_GPU_ENV}=0",
+    )
+
+
 def _device_map() -> dict[str, Any]:
     import torch
 
+    check_gpu_requirement()
     if torch.cuda.is_available():
         return {"": int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))}
     return {"": "cpu"}
@@ -175,6 +221,9 @@ def quantize_model(
             f"could not load model weights from {resolved.describe()}: {str(exc).splitlines()[0]}",
             "check the model id/revision and hub access, or that the directory holds *.safetensors weights",
         ) from exc
+    except ValueError as exc:
+        _raise_if_remote_code(exc, resolved)
+        raise
     commit = getattr(model.config, "_commit_hash", None)
     metadata: dict[str, Any] = {
         "source": resolved.location,
@@ -217,22 +266,38 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     resolved = resolve_model_source(model_dir)
+    device_map = _device_map()
     dtype = pick_compute_dtype(compute_dtype)
-    config = AutoConfig.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
-    saved = getattr(config, "quantization_config", None)
-    if saved:
-        # A pre-quantized checkpoint keeps its 4-bit layout; only the compute dtype follows this machine.
-        saved = saved if isinstance(saved, dict) else saved.to_dict()
-        config.quantization_config = {**saved, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")}
-    return AutoModelForCausalLM.from_pretrained(
-        resolved.location,
-        dtype=dtype,
-        attn_implementation=attention,
-        device_map=_device_map(),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-        config=config,
-    )
+    try:
+        config = AutoConfig.from_pretrained(resolved.location, trust_remote_code=trust_remote_code)
+        saved = getattr(config, "quantization_config", None)
+        if saved:
+            # A pre-quantized checkpoint keeps its 4-bit layout; only the compute dtype follows this machine.
+            saved = saved if isinstance(saved, dict) else saved.to_dict()
+            config.quantization_config = {**saved, "bnb_4bit_compute_dtype": str(dtype).removeprefix("torch.")}
+        return AutoModelForCausalLM.from_pretrained(
+            resolved.location,
+            dtype=dtype,
+            attn_implementation=attention,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            config=config,
+        )
+    except ValueError as exc:
+        _raise_if_remote_code(exc, resolved)
+        raise
+
+
+def _raise_if_remote_code(exc: ValueError, resolved: ModelSource) -> None:
+    """transformers refuses a model that ships its own Python code unless trust_remote_code is on: say so."""
+    if "trust_remote_code" in str(exc):
+        raise KubetuneError(
+            f"model {resolved.describe()} ships its own Python code (auto_map in config.json), and "
+            "trust_remote_code is off, so it is not run",
+            "use a model whose architecture transformers ships (the usual case: Qwen2, Llama, ...), or, only if you "
+            "trust its author and have read the code, set trust_remote_code=true",
+        ) from None
 
 
 def copy_tokenizer(src_dir: str, dst_dir: str) -> None:

@@ -1,0 +1,339 @@
+"""Bad input, in one table: each case is one clear KubetuneError (or, from the command line, exit status 2 with the
+message on stderr and no traceback) that names the problem and says how to fix it ("Fix:"), and leaves nothing
+half-written where the step's outputs go.
+
+The cases call the step entry points (prep, quantize, train, load, tracking) with one thing wrong. Detailed
+behaviour of each check (exact counts, other formats) is tested beside its module (test_data, test_sft, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.config import (
+    DataConfig,
+    EvalConfig,
+    LoraSettings,
+    QuantConfig,
+    TrainConfig,
+    validate_parameters,
+)
+from kubetune.errors import KubetuneError
+
+
+@dataclass
+class Ctx:
+    """What a case may use: a scratch folder, the output folder to check, and the shared fixtures (made lazily)."""
+
+    tmp: Path
+    out: Path
+    request: pytest.FixtureRequest
+
+    @property
+    def tokenizer(self):
+        return self.request.getfixturevalue("tokenizer")
+
+    @property
+    def tiny_model(self) -> str:
+        return self.request.getfixturevalue("tiny_model_dir")
+
+    def jsonl(self, rows: list[Any], name: str = "data.jsonl") -> str:
+        path = self.tmp / name
+        path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
+                                for r in rows), encoding="utf-8")
+        return str(path)
+
+    def prep(self, dataset: str, **settings: Any):
+        from kubetune.data import prepare_dataset
+
+        return prepare_dataset(DataConfig(dataset=dataset, **settings), self.tokenizer, str(self.out / "train.parquet"),
+                               str(self.out / "eval.parquet"))
+
+    def quantize(self, source: str, quant: QuantConfig | None = None):
+        from kubetune.modeling import quantize_model
+
+        return quantize_model(source, str(self.out / "model"), quant or QuantConfig())
+
+    def train(self, model_dir: str, *, lora: LoraSettings | None = None, train: TrainConfig | None = None):
+        from kubetune.sft import train_lora
+
+        return train_lora(model_dir, str(self.tmp / "train.parquet"), str(self.out / "adapter"),
+                          lora=lora or LoraSettings(), train=train or TrainConfig(max_steps=1), max_length=256,
+                          checkpoint_dir=str(self.out / "adapter.checkpoints"))
+
+    def model_dir(self, name: str, files: dict[str, str | bytes], config: dict | None = None) -> str:
+        """A copy of the tiny model's config (optionally changed) plus ``files``."""
+        path = self.tmp / name
+        path.mkdir()
+        base = json.loads((Path(self.tiny_model) / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**base, **(config or {})}))
+        for file, content in files.items():
+            (path / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+        return str(path)
+
+
+def _alpaca(n: int) -> list[dict[str, str]]:
+    return [{"instruction": f"久咳不愈怎么治疗？ {i}", "input": "", "output": f"滋阴润肺，方用沙参麦冬汤。 {i}"}
+            for i in range(n)]
+
+
+def _remote_code_model(ctx: Ctx) -> str:
+    """A model directory whose config asks for its own Python code, which would leave a mark if it ever ran."""
+    tiny = Path(ctx.tiny_model)
+    files = {p.name: p.read_bytes() for p in tiny.iterdir() if p.is_file() and p.name != "config.json"}
+    files["modeling_custom.py"] = (
+        f"import pathlib\npathlib.Path({str(ctx.tmp / 'CODE_RAN')!r}).write_text('ran')\n"
+        "from transformers import Qwen2Config, Qwen2ForCausalLM\n"
+        "class CustomConfig(Qwen2Config):\n    model_type = 'kubetune_custom'\n"
+        "class CustomForCausalLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    return ctx.model_dir("custom-code", files, {
+        "model_type": "kubetune_custom", "architectures": ["CustomForCausalLM"],
+        "auto_map": {"AutoConfig": "modeling_custom.CustomConfig",
+                     "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"},
+    })
+
+
+def _load_remote_code_model(ctx: Ctx) -> None:
+    from kubetune.modeling import load_model
+
+    try:
+        load_model(_remote_code_model(ctx))
+    finally:
+        assert not (ctx.tmp / "CODE_RAN").exists()  # refused before any of its code ran
+
+
+def _require_gpu(ctx: Ctx) -> None:
+    import torch
+
+    from kubetune.modeling import REQUIRE_GPU_ENV, load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    ctx.request.getfixturevalue("monkeypatch").setenv(REQUIRE_GPU_ENV, "nvidia.com/gpu")
+    load_model(ctx.tiny_model)
+
+
+def _unreadable_table(ctx: Ctx) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kubetune.data import load_prepared
+
+    pq.write_table(pa.table({"text": ["x"]}), ctx.tmp / "other.parquet")
+    load_prepared(str(ctx.tmp / "other.parquet"))
+
+
+def _check_adapter(ctx: Ctx) -> None:
+    from kubetune.evaluate import check_adapter_dir
+
+    (ctx.tmp / "adapter").mkdir()
+    (ctx.tmp / "adapter" / "adapter_model.bin").write_bytes(b"pickle")
+    check_adapter_dir(str(ctx.tmp / "adapter"))
+
+
+def _tracking_uri(ctx: Ctx) -> None:
+    from kubetune.tracking import resolve_tracking_uri
+
+    resolve_tracking_uri("mlflow.example.com:5000")
+
+
+def _columns(ctx: Ctx) -> None:
+    from kubetune.steps import parse_columns
+
+    parse_columns("instruction")
+
+
+@dataclass
+class Bad:
+    name: str
+    run: Callable[[Ctx], Any]
+    problem: str  # regex searched in the problem
+    fix: str  # regex searched in the fix
+
+
+CASES = [
+    # dataset
+    Bad("unknown dataset path", lambda c: c.prep(str(c.tmp / "nowhere" / "data.jsonl")),
+        r"nowhere/data\.jsonl is neither an existing file or folder nor a URI", r"check the path.*s3://"),
+    Bad("unknown URI scheme", lambda c: c.prep("foo://bucket/data.jsonl"),
+        r"unknown URI scheme foo://", r"s3://, gs://"),
+    Bad("unknown bundled dataset", lambda c: c.prep("kubetune://nope"),
+        r"no bundled dataset kubetune://nope", r"kubetune://tcm-demo"),
+    Bad("malformed JSONL", lambda c: c.prep(c.jsonl([*_alpaca(2), '{"instruction": "久咳",}', *_alpaca(2)])),
+        r"data\.jsonl: line 3 is not valid JSON", r"fix or remove line 3"),
+    Bad("wrong type in a column",
+        lambda c: c.prep(c.jsonl([*_alpaca(2), {"instruction": "久咳", "output": 42}])),
+        r"column 'output' holds a number at row 2", r"make every value of 'output' a string"),
+    Bad("missing columns", lambda c: c.prep(c.jsonl([{"instruction": "久咳", "reply": "润肺"}])),
+        r"no column for: output .*Columns found: instruction, reply", r"output_column"),
+    Bad("empty after cleaning",
+        lambda c: c.prep(c.jsonl([{"instruction": "a", "output": ""}, {"instruction": "b", "output": "长" * 500},
+                                  {"instruction": "b", "output": "长" * 500}]), max_length=32, length_policy="drop"),
+        r"no rows left .*3 rows in, 1 with an empty answer, 1 duplicates, 1 longer than max_length=32",
+        r"raise max_length.*length_policy=truncate"),
+    Bad("unknown dataset format", lambda c: c.prep("kubetune://tcm-demo", dataset_format="xml"),
+        r"dataset_format='xml' is not one of auto, alpaca, chat, prompt_completion", r"set dataset_format"),
+    Bad("eval fraction 0", lambda c: c.prep("kubetune://tcm-demo", eval_fraction=0.0),
+        r"eval_fraction=0.0 is outside \(0, 1\)", r"0\.1"),
+    Bad("eval fraction 1.5", lambda c: c.prep("kubetune://tcm-demo", eval_fraction=1.5),
+        r"eval_fraction=1.5 is outside \(0, 1\)", r"0\.1"),
+    Bad("max length too small", lambda c: c.prep("kubetune://tcm-demo", max_length=8),
+        r"max_length=8 is too small", r"at least 16"),
+    Bad("bad column mapping", _columns, r"'instruction' is not ROLE=COLUMN", r"instruction=question"),
+    Bad("not a prepared dataset", _unreadable_table, r"not a prepared dataset: columns .* missing \(found text\)",
+        r"written by the dataset prep step"),
+    # model
+    Bad("unknown base model path", lambda c: c.quantize(str(c.tmp / "models" / "missing")),
+        r"base model path .*models/missing does not exist", r"volume .* is mounted"),
+    Bad("model directory without weights",
+        lambda c: c.quantize(c.model_dir("no-weights", {"pytorch_model.bin": b"pickle"})),
+        r"holds no \*\.safetensors weights \(found: config\.json, pytorch_model\.bin\)",
+        r"safe_serialization=True"),
+    Bad("model directory without config", lambda c: c.quantize(str(c.tmp)),
+        r"has no config\.json", r"save_pretrained"),
+    Bad("hub model unreachable", lambda c: c.quantize("nobody-here/no-such-model"),
+        r"could not load a tokenizer from nobody-here/no-such-model@main", r"network access to the hub"),
+    Bad("model with its own code", _load_remote_code_model,
+        r"ships its own Python code .* trust_remote_code is off", r"trust_remote_code=true"),
+    Bad("unknown quantization", lambda c: c.quantize(c.tiny_model, QuantConfig(quantization="int4")),
+        r"quantization='int4' is not one of nf4, fp4, none", r"set quantization"),
+    Bad("no GPU where the placement demands one", _require_gpu,
+        r"placed on a GPU \(KUBETUNE_REQUIRE_GPU=nvidia.com/gpu\) but PyTorch sees none", r"nvidia-smi"),
+    # training
+    Bad("target modules matching nothing", lambda c: c.train(c.tiny_model, lora=LoraSettings(target_modules="qkv")),
+        r"target_modules qkv match no linear layer", r"all-linear or some of: .*q_proj.*v_proj"),
+    Bad("LoRA rank 0", lambda c: c.train(c.tiny_model, lora=LoraSettings(lora_r=0)),
+        r"lora_r=0 must be positive", r"8, 16 or 64"),
+    Bad("LoRA rank negative", lambda c: c.train(c.tiny_model, lora=LoraSettings(lora_r=-4)),
+        r"lora_r=-4 must be positive", r"8, 16 or 64"),
+    Bad("learning rate 0", lambda c: c.train(c.tiny_model, train=TrainConfig(learning_rate=0)),
+        r"learning_rate=0 must be positive", r"2e-4"),
+    Bad("learning rate negative", lambda c: c.train(c.tiny_model, train=TrainConfig(learning_rate=-1e-4)),
+        r"learning_rate=-0.0001 must be positive", r"2e-4"),
+    Bad("no checkpoint kept", lambda c: c.train(c.tiny_model, train=TrainConfig(save_total_limit=0)),
+        r"save_total_limit=0 keeps no checkpoint", r"at least 1"),
+    Bad("adapter without safetensors", _check_adapter,
+        r"has no adapter_config\.json / adapter_model\.safetensors \(found: adapter_model\.bin\)",
+        r"safetensors"),
+    Bad("evaluation settings", lambda c: EvalConfig(max_new_tokens=0).validate(),
+        r"max_new_tokens=0 must be positive", r"256"),
+    Bad("pipeline parameters, all checked before a run",
+        lambda c: validate_parameters({"lora_r": 0, "eval_fraction": 2.0, "length_policy": "trunc", "seed": 1}),
+        r"3 problems:\n.*eval_fraction=2.0 .*length_policy='trunc' .*lora_r=0", r"0\.1.*drop, truncate.*8, 16"),
+    # tracking
+    Bad("MLflow URI that is not a URI", _tracking_uri, r"'mlflow.example.com:5000' is not a URI", r"http\(s\)://"),
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from kubetune.tiny import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def test_bad_input_is_one_clear_error(case: Bad, tmp_path, request):
+    ctx = Ctx(tmp_path / "work", tmp_path / "out", request)
+    ctx.tmp.mkdir()
+    with pytest.raises(KubetuneError) as error:
+        case.run(ctx)
+    message = str(error.value)
+    assert "\n  Fix: " in message, message
+    assert re.search(case.problem, error.value.problem, re.S), message
+    assert re.search(case.fix, error.value.fix, re.S), message
+    leftovers = [str(p) for p in ctx.out.rglob("*")] if ctx.out.exists() else []
+    assert leftovers == [], f"half-written outputs left: {leftovers}"
+
+
+def test_the_table_covers_the_issue():
+    assert len(CASES) >= 15 and len({case.name for case in CASES}) == len(CASES)
+
+
+# -- handled without an error: long rows, an unreachable tracking server ---------------------------------------
+def test_rows_longer_than_max_length_are_truncated_and_counted(tmp_path, tokenizer):
+    from kubetune.data import prepare_dataset
+
+    rows = _alpaca(6) + [{"instruction": "久咳", "output": "长" * 400}, {"instruction": "痰多", "output": "短" * 400}]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    train, evaluation = tmp_path / "train.parquet", tmp_path / "eval.parquet"
+    settings = {"dataset": str(tmp_path / "long.jsonl"), "max_length": 64, "persona": "You are a TCM expert."}
+    truncated = prepare_dataset(DataConfig(**settings), tokenizer, str(train), str(evaluation))
+    assert truncated.stats["truncated"] == 2 and truncated.stats["rows_kept"] == 8
+    assert truncated.stats["length_max"] == 64
+    dropped = prepare_dataset(DataConfig(**settings, length_policy="drop"), tokenizer, str(train), str(evaluation))
+    assert dropped.stats["dropped_too_long"] == 2 and dropped.stats["rows_kept"] == 6
+    assert "| dropped_too_long | 2 |" in dropped.summary_markdown
+
+
+def test_unreachable_mlflow_is_reported_at_the_end_not_raised(monkeypatch):
+    """Consistent with the outage policy (see test_reliability): the step goes on, and its result says what was not
+    logged, where, and what to check."""
+    import socket
+
+    from kubetune.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    tracker = Tracker(uri, "unreachable")
+    assert not tracker.try_open(attempts=1)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    report = tracker.finish(timeout_s=0)
+    assert "MLflow tracking incomplete" in report and uri in report and "check the server" in report
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--local", "--param", "lora_r=abc"], r"--param lora_r='abc' is not a valid number integer"),
+        (["run", "--local", "--param", "learning_rate=fast"], r"learning_rate='fast' is not a valid number double"),
+        (["run", "--local", "--param", "double_quant=maybe"], r"double_quant='maybe' is not a valid boolean"),
+        (["run", "--local", "--param", "nope=1"], r"unknown pipeline parameter 'nope'\n  Fix: use one of: .*lora_r"),
+        (["run", "--local", "--param", "lora_r"], r"--param 'lora_r' has no '='"),
+        (["run", "--param", "lora_r=8"], r"run needs --local"),
+    ],
+    ids=["integer", "number", "boolean", "unknown", "no-equals", "no-local"],
+)
+def test_bad_cli_parameters_exit_2_with_the_fix(argv, message, capsys, tmp_path, monkeypatch):
+    from kubetune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err.startswith("kubetune: error: ") and "Fix:" in err and "Traceback" not in err
+    assert re.search(message, err, re.S), err
+    assert list(tmp_path.iterdir()) == []  # nothing started, nothing written
+
+
+def test_bad_step_flag_exits_2(capsys):
+    from kubetune.stepcli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--model=m", "--train_data=t", "--adapter=a", "--lora_r=abc"])
+    assert exit_info.value.code == 2 and "invalid int value: 'abc'" in capsys.readouterr().err
+
+
+def test_the_real_command_exits_2_without_a_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", "--local", "--param", "lora_r=abc",
+                           "--param", "nope=1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("kubetune: error: 2 problems") and "Traceback" not in done.stderr
+    assert "lora_r='abc'" in done.stderr and "'nope'" in done.stderr and "Fix:" in done.stderr
+    assert list(tmp_path.iterdir()) == []
