@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from kubetune import __version__
 from kubetune.errors import KubetuneError, clear_errors
 
 LOCAL_WORKDIR = "kubetune-local"
+ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # The local demo adapts a randomly initialised 2-layer model on the CPU: shorter samples and a high learning
 # rate make its held-out loss fall within a few minutes. Any --param overrides these.
 LOCAL_DEFAULTS: dict[str, Any] = {
@@ -165,7 +167,16 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
     params.setdefault("mlflow_tracking_uri", os.environ.get("MLFLOW_TRACKING_URI") or default_local_uri(workdir))
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "outputs"),
                raise_on_error=True)
-    task = finetune_pipeline(**params)
+    try:
+        task = finetune_pipeline(**params)
+    except RuntimeError as error:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
+        if "FAILURE" not in str(error):
+            raise
+        plain = ANSI_COLOUR.sub("", str(error))
+        raise KubetuneError(
+            f"the local pipeline failed: {plain}",
+            "read the failed step's log above: it ends with the step's own error and its fix",
+        ) from None
     adapter, report = task.outputs["adapter"], task.outputs["report"]
     return {
         "adapter": adapter.path,
@@ -181,7 +192,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.local:
         raise KubetuneError("run needs --local (cluster runs go through `kubetune submit`)",
                             "use `kubetune run --local` here, or `kubetune submit --host URL` for Kubeflow")
-    summary = run_local(parse_params(args.param), args.workdir)
+    from kubetune.config import validate_parameters
+
+    params = parse_params(args.param)
+    validate_parameters(params)
+    summary = run_local(params, args.workdir)
     print(f"adapter:      {summary['adapter']}", file=sys.stderr)
     print(f"report:       {summary['report']}", file=sys.stderr)
     print(f"MLflow run:   {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}", file=sys.stderr)

@@ -217,6 +217,14 @@ def agree_across_ranks(plan: SpeedPlan) -> SpeedPlan:
     return plan
 
 
+def _state_step(checkpoint: Path) -> int:
+    """The step recorded in a checkpoint's trainer_state.json (written last), or -1 when it is torn or unreadable."""
+    try:
+        return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
 def last_complete_checkpoint(checkpoint_dir: str) -> str | None:
     """The newest ``checkpoint-N`` that was fully written (a kill during a save leaves an incomplete one)."""
     root = Path(checkpoint_dir)
@@ -226,7 +234,7 @@ def last_complete_checkpoint(checkpoint_dir: str) -> str | None:
     for path in root.glob("checkpoint-*"):
         suffix = path.name.removeprefix("checkpoint-")
         required = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-        if suffix.isdigit() and all((path / name).is_file() for name in required):
+        if suffix.isdigit() and all((path / name).is_file() for name in required) and _state_step(path) == int(suffix):
             candidates.append((int(suffix), path))
     return str(max(candidates)[1]) if candidates else None
 

@@ -26,6 +26,7 @@ from kubetune.tracking import (
     default_model_name,
     file_sha256,
     resolve_tracking_uri,
+    without_credentials,
 )
 
 log = logging.getLogger("kubetune")
@@ -207,7 +208,8 @@ def train(model_dir: str, train_path: str, adapter_dir: str, *, lora: LoraSettin
         **result.metrics,
         "mlflow_run_id": tracker.run_id,
         "mlflow_run_url": tracker.run_url,
-        "tracking_uri": tracker.tracking_uri,
+        # Travels in artifact metadata (Kubeflow UI, logs): never with credentials embedded in the URI.
+        "tracking_uri": without_credentials(tracker.tracking_uri),
         "tracking_report": report,
         "registered_model": tracker.registered.get("name", ""),
         "registered_model_version": tracker.registered.get("version", ""),

@@ -76,6 +76,11 @@ def is_secret_name(name: str) -> bool:
     return bool(SECRET_NAME.search(re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name))) or "password" in name.lower()
 
 
+def without_credentials(uri: str) -> str:
+    """The URI without a ``user:password@`` part: credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    return re.sub(r"(?<=://)[^/@]*@", "", uri)
+
+
 def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of environment variables whose names look like secrets (long enough to be worth matching)."""
     environ = os.environ if environ is None else environ
@@ -326,8 +331,7 @@ class Tracker:
             experiment_id = self.client.get_run(self.run_id).info.experiment_id
         except Exception:  # noqa: BLE001
             return ""
-        base = re.sub(r"(?<=://)[^/@]*@", "", self.tracking_uri.rstrip("/"))
-        return f"{base}/#/experiments/{experiment_id}/runs/{self.run_id}"
+        return f"{without_credentials(self.tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{self.run_id}"
 
     # -- logging ---------------------------------------------------------------------------------------------
     def _redact(self, value: Any) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError, collect
+from kubetune.modeling import REQUIRE_GPU_ENV
 
 WORKSPACE = "/workspace"
 RUN_DIR = f"{WORKSPACE}/runs/{{{{workflow.name}}}}"
@@ -330,7 +331,11 @@ def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[s
             inputs=[Parameter(name=flag) for flag in inputs],
             outputs=result_artifacts or None,
             # Model downloads land on the volume: an existing claim keeps them between runs.
-            env=[Env(name="HF_HOME", value=f"{WORKSPACE}/.cache/huggingface"), *secret_env],
+            env=[
+                Env(name="HF_HOME", value=f"{WORKSPACE}/.cache/huggingface"),
+                *([Env(name=REQUIRE_GPU_ENV, value=placement.accelerator)] if placement.uses_gpu else []),
+                *secret_env,
+            ],
             resources=resources,
             node_selector=None if gpu_selector_patch else placement.node_selector or None,
             pod_spec_patch=(

@@ -123,8 +123,14 @@ def apply_placement(task, placement: StepPlacement, *, gpu_node_selector=None):
         task.set_memory_limit(placement.memory_limit)
     runtime_selector = placement.uses_gpu and gpu_node_selector is not None
     if placement.uses_gpu:
+        from kubetune.modeling import REQUIRE_GPU_ANNOTATION, REQUIRE_GPU_ENV
+
         task.set_accelerator_type(placement.accelerator)
         task.set_accelerator_limit(placement.accelerator_count)
+        # The step stops with a clear error when its pod got no usable GPU. Through the pod's annotation rather
+        # than a plain env variable, which kfp.local would apply to CPU runs as well.
+        kubernetes.add_pod_annotation(task, REQUIRE_GPU_ANNOTATION, placement.accelerator)
+        kubernetes.use_field_path_as_env(task, REQUIRE_GPU_ENV, f"metadata.annotations['{REQUIRE_GPU_ANNOTATION}']")
     if runtime_selector:
         kubernetes.add_node_selector_json(task, gpu_node_selector)
     else:
