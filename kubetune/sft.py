@@ -156,7 +156,8 @@ def plan_speed(
         else:
             checkpointing = train.gradient_checkpointing == "on"
             batch_tokens = train.batch_tokens or 8 * max_length
-    per_device_batch = max(1, batch_tokens // max_length) if train.packing else max(1, batch_tokens // max_length)
+    # Packed rows hold up to max_length tokens each (unpacked rows are padded to it): rows per micro-batch.
+    per_device_batch = max(1, batch_tokens // max_length)
     return SpeedPlan(
         attention=attention,
         gradient_checkpointing=checkpointing,
