@@ -19,6 +19,7 @@ def evaluate_model(
     mlflow_experiment: str = "kubetune",
     kfp_run_id: str = "",
     kfp_run_name: str = "",
+    trust_remote_code: bool = False,
 ):
     """Compare the base model and the tuned adapter on the held-out set: loss, perplexity and chrF (works for
     Chinese and English), plus batched greedy answers to the held-out prompts and to the probe questions, shown
@@ -35,6 +36,7 @@ def evaluate_model(
         mlflow_experiment: MLflow experiment name.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name.
+        trust_remote_code: Allow model code from the hub (must match the model load step).
 
     Returns:
         metrics: Base vs tuned loss, perplexity and chrF, shown on the Kubeflow run page.
@@ -53,6 +55,7 @@ def evaluate_model(
                               adapter.metadata.get("mlflow_run_id", ""), kfp_run_id, kfp_run_name),
             prompt_style=eval_data.metadata.get("prompt_style", "expert"),
             persona=eval_data.metadata.get("persona", ""),
+            trust_remote_code=trust_remote_code,
         )
     for name, value in result.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):

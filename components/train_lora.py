@@ -34,6 +34,7 @@ def train_lora(
     kfp_run_id: str = "",
     kfp_run_name: str = "",
     num_gpus: int = 1,
+    trust_remote_code: bool = False,
 ) -> NamedTuple("TrainOutputs", mlflow_run_id=str):
     """Train a LoRA adapter with TRL's SFTTrainer on the 4-bit model: loss on completions only, packed batches
     in which each sample attends only to itself, checkpoints that a retry resumes from, data-parallel over
@@ -63,6 +64,7 @@ def train_lora(
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name, used as the MLflow run name.
         num_gpus: Data-parallel processes, one per GPU (torchrun, DDP); set it to the step's accelerator count.
+        trust_remote_code: Allow model code from the hub (must match the model load step).
 
     Returns:
         adapter: The LoRA adapter (safetensors) and tokenizer; metadata holds the MLflow run id.
@@ -85,6 +87,7 @@ def train_lora(
                 learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
                 num_epochs=num_epochs, max_steps=max_steps, batch_tokens=batch_tokens,
                 gradient_accumulation=gradient_accumulation, lean=lean, save_steps=save_steps, seed=seed,
+                trust_remote_code=trust_remote_code,
             ),
             max_length=int(float(train_data.metadata.get("max_length", 2048))),
             checkpoint_dir=checkpoint_dir

@@ -208,13 +208,14 @@ def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - k
             kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             # one process per GPU: the accelerator count sets both the pod's GPU request and the DDP world size
             num_gpus=max(steps["train_lora"].accelerator_count, 1) if steps["train_lora"].uses_gpu else 1,
+            trust_remote_code=trust_remote_code,
         ).set_display_name("LoRA SFT")
         evaluation = evaluate_model(
             model=load.outputs["model"], adapter=sft.outputs["adapter"], eval_data=prep.outputs["eval_data"],
             probe_questions=probe_questions, max_new_tokens=max_new_tokens,
             max_generation_samples=max_generation_samples, mlflow_tracking_uri=mlflow_tracking_uri,
             mlflow_experiment=mlflow_experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, trust_remote_code=trust_remote_code,
         ).set_display_name("Evaluate base vs tuned")
 
         tasks = {"prepare_dataset": prep, "quantize_model": load, "train_lora": sft, "evaluate_model": evaluation}
