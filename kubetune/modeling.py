@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 
 from kubetune.config import QuantConfig, to_dict
 from kubetune.errors import KubetuneError
-from kubetune.storage import atomic_dir
+from kubetune.storage import atomic_dir, file_sha256
 
 WEIGHT_SUFFIXES = (".safetensors",)
 METADATA_FILE = "kubetune_model.json"
@@ -36,10 +34,6 @@ class ModelSource:
         if self.is_local:
             return self.location
         return f"{self.location}@{self.revision or 'main'}"
-
-
-def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or os.sep in source.strip("/").split("/", 2)[-1]
 
 
 def resolve_model_source(source: str, revision: str | None = None) -> ModelSource:
@@ -79,14 +73,7 @@ def resolve_model_source(source: str, revision: str | None = None) -> ModelSourc
 
 def content_hash(directory: str | Path) -> str:
     """sha256 over the names and bytes of the files that define a model (config, tokenizer, weights)."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(directory).rglob("*")):
-        if path.is_file() and path.name != METADATA_FILE:
-            digest.update(str(path.relative_to(directory)).encode())
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(directory, exclude=frozenset({METADATA_FILE}))
 
 
 def pick_compute_dtype(requested: str = "auto"):
@@ -298,10 +285,3 @@ def _raise_if_remote_code(exc: ValueError, resolved: ModelSource) -> None:
             "use a model whose architecture transformers ships (the usual case: Qwen2, Llama, ...), or, only if you "
             "trust its author and have read the code, set trust_remote_code=true",
         ) from None
-
-
-def copy_tokenizer(src_dir: str, dst_dir: str) -> None:
-    """Copy tokenizer files (not weights) from one model directory to another."""
-    for path in Path(src_dir).iterdir():
-        if path.is_file() and ("token" in path.name or path.name in {"special_tokens_map.json", "chat_template.jinja"}):
-            shutil.copy2(path, Path(dst_dir) / path.name)

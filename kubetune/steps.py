@@ -11,7 +11,6 @@ import json
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from kubetune import __version__
@@ -292,8 +291,3 @@ def _log_plots(tracker: Tracker, eval_metrics: dict[str, Any]) -> None:
     figure = plot_base_vs_tuned(eval_metrics)
     if figure is not None:
         tracker.log_figure(figure, "plots/eval_base_vs_tuned.png")
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -86,3 +86,22 @@ def atomic_file(target: str | os.PathLike) -> Iterator[str]:
     finally:
         if staging.exists():
             staging.unlink()
+
+
+def file_sha256(path: str | os.PathLike, *, exclude: frozenset[str] = frozenset()) -> str:
+    """sha256 of a file, or of a directory's relative names and bytes (sorted, files named in ``exclude``
+    skipped); "" when the path is missing."""
+    import hashlib
+
+    root = Path(path)
+    if not root.exists():
+        return ""
+    digest = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and p.name not in exclude)
+    for file in files:
+        if root.is_dir():
+            digest.update(str(file.relative_to(root)).encode())
+        with file.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

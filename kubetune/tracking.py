@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError
+from kubetune.storage import file_sha256  # noqa: F401 - part of this module's API (dataset hashes)
 
 log = logging.getLogger("kubetune.tracking")
 
@@ -168,22 +169,6 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
         db = Path(uri.removeprefix("sqlite:///"))
         return (db.parent / "mlartifacts" / re.sub(r"[^\w.-]+", "_", experiment)).resolve().as_uri()
     return None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of a directory's relative names and bytes (sorted); "" when the path is missing."""
-    root = Path(path)
-    if not root.exists():
-        return ""
-    digest = hashlib.sha256()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for file in files:
-        if root.is_dir():
-            digest.update(str(file.relative_to(root)).encode())
-        with file.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_model_name(experiment: str) -> str:
