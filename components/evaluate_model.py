@@ -44,7 +44,7 @@ def evaluate_model(
     """
     from kubetune.config import EvalConfig
     from kubetune.errors import clear_errors
-    from kubetune.steps import Tracking, evaluate
+    from kubetune.steps import Tracking, evaluate, numbers
 
     with clear_errors():
         result = evaluate(
@@ -57,9 +57,8 @@ def evaluate_model(
             persona=eval_data.metadata.get("persona", ""),
             trust_remote_code=trust_remote_code,
         )
-    for name, value in result.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(name, value)
+    for name, value in numbers(result).items():
+        metrics.log_metric(name, value)
     report.metadata.update({"mlflow_run_id": result["mlflow_run_id"], "mlflow_run_url": result["mlflow_run_url"]})
     if result["tracking_report"]:
         print(result["tracking_report"], flush=True)

@@ -55,7 +55,7 @@ def prepare_dataset(
     """
     from kubetune.config import DataConfig
     from kubetune.errors import clear_errors
-    from kubetune.steps import parse_columns, prepare
+    from kubetune.steps import numbers, parse_columns, prepare
 
     with clear_errors():
         config = DataConfig(
@@ -68,9 +68,8 @@ def prepare_dataset(
             config, base_model, train_data.path, eval_data.path, revision=model_revision,
             trust_remote_code=trust_remote_code,
         )
-    for name, value in stat_values.items():
-        if isinstance(value, (int, float)):
-            stats.log_metric(name, value)
+    for name, value in numbers(stat_values).items():
+        stats.log_metric(name, value)
     train_data.metadata.update(metadata)
     eval_data.metadata.update(metadata)
     with open(summary.path, "w", encoding="utf-8") as handle:

@@ -76,7 +76,7 @@ def train_lora(
     from kubetune.config import LoraSettings, TrainConfig
     from kubetune.distributed import train
     from kubetune.errors import clear_errors
-    from kubetune.steps import Tracking
+    from kubetune.steps import Tracking, checkpoint_location, numbers
 
     with clear_errors():
         result = train(
@@ -90,17 +90,14 @@ def train_lora(
                 trust_remote_code=trust_remote_code,
             ),
             max_length=int(float(train_data.metadata.get("max_length", 2048))),
-            checkpoint_dir=checkpoint_dir
-            or (f"{checkpoint_root.rstrip('/')}/{kfp_run_id}" if checkpoint_root and kfp_run_id
-                else adapter.path.rstrip("/") + ".checkpoints"),
+            checkpoint_dir=checkpoint_location(checkpoint_dir, checkpoint_root, kfp_run_id, adapter.path),
             tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name),
             model_metadata=dict(model.metadata),
             data_metadata=dict(train_data.metadata),
             nproc=num_gpus,
         )
-    for name, value in result.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            metrics.log_metric(name, value)
+    for name, value in numbers(result).items():
+        metrics.log_metric(name, value)
     adapter.metadata.update({k: result[k] for k in ("mlflow_run_id", "mlflow_run_url", "tracking_uri")})
     adapter.metadata.update({"base_model": model.metadata.get("source", ""), "mlflow_experiment": mlflow_experiment})
     if result["tracking_report"]:

@@ -52,10 +52,6 @@ def write_json(path: str | Path, values: dict[str, Any]) -> None:
         Path(staging).write_text(json.dumps(values, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
 
 
-def _numbers(values: dict[str, Any]) -> dict[str, float | int]:
-    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 def _require_inputs(producer: dict[str, str], args: argparse.Namespace) -> None:
     """Every input path exists, checked before the heavy imports; one error lists all that are missing."""
     from kubetune.errors import collect
@@ -147,7 +143,7 @@ def _path(parser: argparse.ArgumentParser, name: str, help_text: str, *, require
 # -- steps -----------------------------------------------------------------------------------------------------
 def run_prep(args: argparse.Namespace) -> dict[str, Any]:
     """Dataset prep: writes the train/eval datasets, their metadata, the statistics and the Markdown summary."""
-    from kubetune.steps import parse_columns, prepare
+    from kubetune.steps import numbers, parse_columns, prepare
 
     values = {k: v for k, v in vars(args).items() if k not in _COLUMN_FIELDS}
     if not values["persona"]:
@@ -159,23 +155,23 @@ def run_prep(args: argparse.Namespace) -> dict[str, Any]:
         write_json(metadata_path(output), metadata)
     stats_path = args.stats or beside(args.train_data, ".stats.json")
     summary_path = args.summary or beside(args.train_data, ".summary.md")
-    write_json(stats_path, _numbers(stats))
+    write_json(stats_path, numbers(stats))
     from kubetune.storage import atomic_file
 
     with atomic_file(summary_path) as staging:
         Path(staging).write_text(markdown, encoding="utf-8")
     return {"train_data": args.train_data, "eval_data": args.eval_data, "stats": stats_path,
-            "summary": summary_path, **_numbers(stats)}
+            "summary": summary_path, **numbers(stats)}
 
 
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """4-bit model load: writes the quantized model directory and ``<model>.metadata.json``."""
-    from kubetune.steps import quantize
+    from kubetune.steps import numbers, quantize
 
     metadata = quantize(args.base_model, args.model, from_dict(QuantConfig, vars(args)),
                         revision=args.model_revision, trust_remote_code=args.trust_remote_code)
     write_json(metadata_path(args.model), metadata)
-    return {"model": args.model, **_numbers(metadata)}
+    return {"model": args.model, **numbers(metadata)}
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -186,7 +182,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     """
     _require_inputs({"model": "quantize", "train_data": "prep"}, args)
     from kubetune.distributed import is_rank_zero, train
-    from kubetune.steps import Tracking
+    from kubetune.steps import Tracking, checkpoint_location, numbers
 
     model_metadata, data_metadata = read_metadata(args.model), read_metadata(args.train_data)
     metrics_path = args.metrics or beside(args.adapter, ".metrics.json")
@@ -195,7 +191,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         lora=from_dict(LoraSettings, vars(args)),
         train_config=from_dict(TrainConfig, vars(args)),
         max_length=args.max_length or int(float(data_metadata.get("max_length", 2048))),
-        checkpoint_dir=_checkpoint_dir(args),
+        checkpoint_dir=checkpoint_location(args.checkpoint_dir, args.checkpoint_root, args.kfp_run_id, args.adapter),
         tracking=Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name),
         model_metadata=model_metadata,
         data_metadata=data_metadata,
@@ -203,7 +199,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     )
     if not is_rank_zero():
         return None
-    write_json(metrics_path, _numbers(result))
+    write_json(metrics_path, numbers(result))
     write_json(metadata_path(args.adapter), {
         **{k: result[k] for k in ("mlflow_run_id", "mlflow_run_url", "tracking_uri")},
         "base_model": model_metadata.get("source", ""),
@@ -211,22 +207,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
     })
     _print_tracking_report(result)
     return {"adapter": args.adapter, "metrics": metrics_path, "mlflow_run_id": result["mlflow_run_id"],
-            **_numbers(result)}
-
-
-def _checkpoint_dir(args: argparse.Namespace) -> str:
-    """As the component: the explicit directory, else <checkpoint_root>/<run id>, else beside the adapter."""
-    if args.checkpoint_dir:
-        return args.checkpoint_dir
-    if args.checkpoint_root and args.kfp_run_id:
-        return f"{args.checkpoint_root.rstrip('/')}/{args.kfp_run_id}"
-    return beside(args.adapter, ".checkpoints")
+            **numbers(result)}
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Base-vs-tuned evaluation: writes the HTML report, its metadata and the metrics JSON."""
     _require_inputs({"model": "quantize", "adapter": "train", "eval_data": "prep"}, args)
-    from kubetune.steps import Tracking, evaluate
+    from kubetune.steps import Tracking, evaluate, numbers
 
     adapter_metadata, data_metadata = read_metadata(args.adapter), read_metadata(args.eval_data)
     metrics_path = args.metrics or beside(args.report, ".metrics.json")
@@ -239,11 +226,11 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         persona=data_metadata.get("persona", ""),
         trust_remote_code=args.trust_remote_code,
     )
-    write_json(metrics_path, _numbers(result))
+    write_json(metrics_path, numbers(result))
     write_json(metadata_path(args.report), {k: result[k] for k in ("mlflow_run_id", "mlflow_run_url")})
     _print_tracking_report(result)
     return {"report": args.report, "metrics": metrics_path, "mlflow_run_id": result["mlflow_run_id"],
-            **_numbers(result)}
+            **numbers(result)}
 
 
 def _print_tracking_report(result: dict[str, Any]) -> None:

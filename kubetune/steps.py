@@ -48,6 +48,21 @@ def parse_columns(columns: str) -> dict[str, str]:
     return mapping
 
 
+def numbers(values: dict[str, Any]) -> dict[str, float | int]:
+    """The numeric entries of a step's result: what becomes KFP Metrics and metrics JSON (booleans excluded)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def checkpoint_location(checkpoint_dir: str, checkpoint_root: str, kfp_run_id: str, adapter_path: str) -> str:
+    """Where the SFT step checkpoints: the explicit directory, else ``<checkpoint_root>/<run id>`` (a volume that
+    outlives the pod), else beside the adapter output."""
+    if checkpoint_dir:
+        return checkpoint_dir
+    if checkpoint_root and kfp_run_id:
+        return f"{checkpoint_root.rstrip('/')}/{kfp_run_id}"
+    return adapter_path.rstrip("/") + ".checkpoints"
+
+
 def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str, *, revision: str = "",
             trust_remote_code: bool = False) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Dataset prep. Returns (stats, Markdown summary, metadata for the dataset artifacts)."""
