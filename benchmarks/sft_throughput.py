@@ -153,14 +153,27 @@ def run_kubetune(nf4_dir: Path, rows: list[list[int]], steps: int, **overrides) 
     plan = result.plan
     return {"tokens_per_s": clock.tokens_per_s, "attention": plan.attention, "checkpointing": plan.gradient_checkpointing,
             "batch_tokens": plan.batch_tokens, "optimizer": plan.optimizer, "liger": plan.liger,
-            "offloading": plan.activation_offloading,
-            "plan": plan.reasons}
+            "offloading": plan.activation_offloading, "fused_lora": plan.fused_lora,
+            "host_embedding": plan.host_embedding, "plan": plan.reasons}
+
+
+def run_unfused(nf4_dir: Path, rows: list[list[int]], steps: int) -> dict:
+    """kubetune's defaults with PEFT's own LoRA forward instead of the fused update (to measure what it gives)."""
+    import kubetune.fused_lora
+
+    fuse = kubetune.fused_lora.fuse_lora_layers
+    kubetune.fused_lora.fuse_lora_layers = lambda model: 0
+    try:
+        return run_kubetune(nf4_dir, rows, steps)
+    finally:
+        kubetune.fused_lora.fuse_lora_layers = fuse
 
 
 CONFIGS = {
     "baseline": lambda bf16, nf4, rows, steps: run_baseline(bf16, rows, steps),
     "kubetune": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps),
     "lean": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True),
+    "kubetune_unfused": lambda bf16, nf4, rows, steps: run_unfused(nf4, rows, steps),
     "kubetune_flex": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, attention="flex_attention"),
     "kubetune_sdpa": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, attention="sdpa"),
     "kubetune_gc": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, gradient_checkpointing="on"),

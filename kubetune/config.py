@@ -183,7 +183,11 @@ class TrainConfig:
     gradient_checkpointing: GradientCheckpointing = _help(
         "Recompute activations in backward: auto turns it on only when free GPU memory needs it.", "auto"
     )
-    fused_kernels: bool = _help("Use Liger fused kernels (RMSNorm, SwiGLU, RoPE, linear+loss) when installed.", True)
+    fused_kernels: bool = _help(
+        "Fuse the LoRA update into one GEMM per layer, and use Liger kernels (RMSNorm, SwiGLU, RoPE, linear+loss) "
+        "when installed.",
+        True,
+    )
     lean: bool = _help("Lean mode for small GPUs: checkpointing on, smaller packed batches, 8-bit optimizer.", False)
     optimizer: str = _help("Optimizer name as transformers knows it (auto = fused AdamW, 8-bit in lean mode).", "auto")
     logging_steps: int = _help("Log metrics every N optimizer steps.", 1)

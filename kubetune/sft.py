@@ -39,7 +39,9 @@ class SpeedPlan:
     per_device_batch: int
     optimizer: str
     liger: bool
+    fused_lora: bool
     activation_offloading: bool
+    host_embedding: bool
     bf16: bool
     reasons: list[str] = field(default_factory=list)
 
@@ -125,7 +127,9 @@ def plan_speed(
         optimizer = "adamw_8bit" if train.optimizer == "auto" and cuda else train.optimizer
         if optimizer == "auto":
             optimizer = "adamw_torch"
-        reasons.append("lean mode: checkpointing with CPU offload of checkpoints, 8-bit optimizer")
+        reasons.append(
+            "lean mode: checkpointing with CPU offload of checkpoints, input embedding in host memory, 8-bit optimizer"
+        )
     else:
         optimizer = train.optimizer
         if optimizer == "auto":
@@ -165,7 +169,9 @@ def plan_speed(
         per_device_batch=per_device_batch,
         optimizer=optimizer,
         liger=liger,
+        fused_lora=train.fused_kernels,
         activation_offloading=offloading,
+        host_embedding=train.lean and cuda,
         bf16=bf16,
         reasons=reasons,
     )
@@ -308,6 +314,8 @@ def train_lora(
 
     from kubetune import attention as varlen
     from kubetune.data import load_prepared
+    from kubetune.fused_lora import fuse_lora_layers
+    from kubetune.host_embedding import embed_on_host
     from kubetune.modeling import load_model, load_tokenizer, read_model_metadata
 
     lora.validate()
@@ -326,6 +334,8 @@ def train_lora(
         varlen.register()
     model = load_model(model_dir, attention=plan.attention, trust_remote_code=train.trust_remote_code)
     model.config.use_cache = False
+    if plan.host_embedding:
+        embed_on_host(model)
     targets = check_target_modules(model, lora)
     dataset = load_prepared(train_path).select_columns(["input_ids", "completion_mask"])
 
@@ -387,6 +397,8 @@ def train_lora(
             peft_config=peft_config,
             callbacks=[step_metrics, *(extra_callbacks or [])],
         )
+    if plan.fused_lora:
+        fuse_lora_layers(trainer.model)
     resume = last_complete_checkpoint(checkpoint_dir)
     resumed_from_step = int(resume.rsplit("-", 1)[-1]) if resume else 0
     if torch.cuda.is_available():

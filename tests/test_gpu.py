@@ -66,3 +66,38 @@ def test_cpu_quantized_model_trains_and_evaluates_on_gpu(tiny_model_dir, tmp_pat
     base = load_model(str(quantized))
     assert type(base.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     PeftModel.from_pretrained(base, str(tmp_path / "adapter"))
+
+
+def test_fused_lora_matches_peft_on_a_4bit_model_under_autocast(quantized_model_dir, monkeypatch):
+    """The training path on the GPU: bitsandbytes 4-bit base, bf16 adapters, bf16 autocast."""
+    from test_fused_lora import _forbid_peft_forward, _logits_and_grads, _peft_model
+
+    from kubetune.fused_lora import fuse_lora_layers
+
+    model = _peft_model(quantized_model_dir, "bfloat16")
+    ids = torch.randint(10, 200, (2, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        reference_logits, reference_grads = _logits_and_grads(model, ids)
+        assert fuse_lora_layers(model) > 0
+        _forbid_peft_forward(monkeypatch)
+        logits, grads = _logits_and_grads(model, ids)
+    torch.testing.assert_close(logits, reference_logits, rtol=3e-2, atol=3e-2)
+    for name, grad in grads.items():
+        scale = reference_grads[name].abs().max().item()
+        torch.testing.assert_close(grad, reference_grads[name], rtol=3e-2, atol=3e-2 * scale, msg=name)
+
+
+def test_host_embedding_frees_gpu_memory_and_keeps_logits():
+    from test_host_embedding import _model
+
+    from kubetune.host_embedding import embed_on_host
+
+    model = _model(tied=False).cuda()
+    ids = torch.randint(0, 300, (2, 12), device="cuda")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert embed_on_host(model) == 300 * 32 * 4
+    assert model.get_input_embeddings().table.device.type == "cpu"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected)
+    assert embed_on_host(_model(tied=True).cuda()) == 0
