@@ -94,8 +94,8 @@ def run(nproc: int, args: argparse.Namespace, data: Path) -> dict:
         target = [__file__, f"--worker={work}", f"--root={args.root}", f"--steps={args.steps}", f"--layers={args.layers}"]
         started = time.time()
         try:
-            if nproc == 1:
-                subprocess.run([sys.executable, *target], env=child_env(), check=True)
+            if nproc == 1:  # a one-GPU pod sees one GPU
+                subprocess.run([sys.executable, *target], env={**child_env(), "CUDA_VISIBLE_DEVICES": "0"}, check=True)
             else:
                 run_torchrun(nproc, target, error_dir=work)
         except Exception as exc:  # one failing run must not hide the other's figures

@@ -105,6 +105,36 @@ class Clock:
         self.tokens_per_s = float("nan")
 
 
+class Profile:
+    """With ``--profile``: the GPU kernels of optimizer steps 4 and 5 (after warm-up), printed by total time."""
+
+    enabled = False
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.profiler = None
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if outer.enabled and state.global_step == 3:
+                    outer.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                                        torch.profiler.ProfilerActivity.CUDA])
+                    outer.profiler.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if outer.profiler is not None and state.global_step == 5:
+                    torch.cuda.synchronize()
+                    outer.profiler.__exit__(None, None, None)
+                    table = outer.profiler.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                                                max_name_column_width=90)
+                    print("PROFILE (2 optimizer steps)\n" + table, flush=True)
+                    outer.profiler = None
+
+        self.callback = _Callback()
+
+
 def run_baseline(bf16_dir: Path, rows: list[list[int]], steps: int) -> dict:
     """The use case's recipe in plain TRL: batch 2, grad-accum 4, padding, adamw_8bit, checkpointing."""
     from datasets import Dataset
@@ -149,7 +179,7 @@ def run_kubetune(nf4_dir: Path, rows: list[list[int]], steps: int, **overrides) 
         train = TrainConfig(max_steps=steps, save_steps=0, warmup_ratio=0.1, **overrides)
         lora = LoraSettings(lora_r=16, lora_alpha=16, target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
         result = train_lora(str(nf4_dir), str(data), str(Path(work) / "adapter"), lora=lora, train=train,
-                            max_length=2048, checkpoint_dir=str(Path(work) / "ckpt"), extra_callbacks=[clock.callback])
+                            max_length=2048, checkpoint_dir=str(Path(work) / "ckpt"), extra_callbacks=[clock.callback, Profile().callback])
     plan = result.plan
     return {"tokens_per_s": clock.tokens_per_s, "attention": plan.attention, "checkpointing": plan.gradient_checkpointing,
             "batch_tokens": plan.batch_tokens, "optimizer": plan.optimizer, "liger": plan.liger,
@@ -208,7 +238,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--layers", type=int, default=28)
     parser.add_argument("--root", default="/tmp/kubetune-bench")
+    parser.add_argument("--profile", action="store_true", help="print the GPU kernels of steps 4-5 of kubetune runs")
     args = parser.parse_args()
+    Profile.enabled = args.profile
     if not torch.cuda.is_available():
         print("this benchmark needs a CUDA GPU", file=sys.stderr)
         return 2

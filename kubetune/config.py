@@ -188,7 +188,11 @@ class TrainConfig:
         "when installed.",
         True,
     )
-    lean: bool = _help("Lean mode for small GPUs: checkpointing on, smaller packed batches, 8-bit optimizer.", False)
+    lean: bool = _help(
+        "Lean mode for small GPUs: checkpointing with CPU offload, input embedding in host memory, 8,192-token "
+        "packed batches, 8-bit optimizer.",
+        False,
+    )
     optimizer: str = _help("Optimizer name as transformers knows it (auto = fused AdamW, 8-bit in lean mode).", "auto")
     logging_steps: int = _help("Log metrics every N optimizer steps.", 1)
     save_steps: int = _help("Checkpoint every N optimizer steps (0 = only at the end).", 50)

@@ -68,6 +68,13 @@ def resolve_nproc(requested: int) -> int:
     return requested
 
 
+def runs_in_process(nproc: int) -> bool:
+    """One process that sees at most one GPU trains in this process; anything else goes through torchrun. A single
+    process that sees several GPUs must too: the Trainer would wrap the model in nn.DataParallel, which SFTTrainer
+    refuses; a torchrun rank uses only its own GPU."""
+    return nproc == 1 and visible_gpus() <= 1
+
+
 def torchrun_command(nproc: int, target: list[str]) -> list[str]:
     """``python -m torch.distributed.run`` on this machine only: ``nproc`` workers, rendezvous on localhost
     (a free port), no restarts (a retry of the step resumes from its checkpoint instead)."""
@@ -174,7 +181,7 @@ def train(model_dir: str, train_path: str, adapter_dir: str, *, nproc: int = 1, 
         _destroy_process_group()
         return result
     nproc = resolve_nproc(nproc)
-    if nproc == 1:
+    if runs_in_process(nproc):
         return steps.train(model_dir, train_path, adapter_dir, **kwargs)
     if kwargs.get("tracking") is not None:
         # Every rank builds an MLflow client; a local sqlite store would be created (schema migrations) by all

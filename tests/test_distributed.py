@@ -108,8 +108,11 @@ def test_under_torchrun_the_step_runs_as_its_rank(monkeypatch):
 def test_process_count_follows_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(distributed, "visible_gpus", lambda: 0)
     assert distributed.resolve_nproc(0) == 1 and distributed.resolve_nproc(2) == 2  # gloo on the CPU
+    assert distributed.runs_in_process(1) and not distributed.runs_in_process(2)
     monkeypatch.setattr(distributed, "visible_gpus", lambda: 4)
     assert distributed.resolve_nproc(0) == 4 and distributed.resolve_nproc(2) == 2
+    # one process on a 4-GPU node still goes through torchrun (the Trainer would use nn.DataParallel)
+    assert not distributed.runs_in_process(1)
     with pytest.raises(KubetuneError, match="num_gpus=8 .* sees 4 GPU"):
         distributed.resolve_nproc(8)
     with pytest.raises(KubetuneError, match="negative"):
