@@ -199,11 +199,25 @@ def run_unfused(nf4_dir: Path, rows: list[list[int]], steps: int) -> dict:
         kubetune.fused_lora.fuse_lora_layers = fuse
 
 
+def run_addmm(nf4_dir: Path, rows: list[list[int]], steps: int) -> dict:
+    """kubetune's defaults with cuBLAS addmm for the fused LoRA update instead of the Triton kernel."""
+    import kubetune.fused_lora
+
+    kernel = kubetune.fused_lora._triton_kernel
+    kubetune.fused_lora._triton_kernel = lambda: None
+    try:
+        return run_kubetune(nf4_dir, rows, steps)
+    finally:
+        kubetune.fused_lora._triton_kernel = kernel
+
+
 CONFIGS = {
     "baseline": lambda bf16, nf4, rows, steps: run_baseline(bf16, rows, steps),
     "kubetune": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps),
     "lean": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True),
     "kubetune_unfused": lambda bf16, nf4, rows, steps: run_unfused(nf4, rows, steps),
+    "kubetune_addmm": lambda bf16, nf4, rows, steps: run_addmm(nf4, rows, steps),
+    "kubetune_log10": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, logging_steps=10),
     "kubetune_flex": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, attention="flex_attention"),
     "kubetune_sdpa": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, attention="sdpa"),
     "kubetune_gc": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, gradient_checkpointing="on"),

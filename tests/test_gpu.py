@@ -101,3 +101,24 @@ def test_host_embedding_frees_gpu_memory_and_keeps_logits():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected)
     assert embed_on_host(_model(tied=True).cuda()) == 0
+
+
+@pytest.mark.parametrize(("tokens", "width", "rank"), [(12288, 18944, 16), (1000, 513, 8), (77, 3584, 64)])
+def test_lora_epilogue_kernel_matches_addmm(tokens, width, rank):
+    from kubetune.fused_lora import _LoraEpilogue, lora_epilogue
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c, h, b = (torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for shape in ((tokens, width), (tokens, rank), (width, rank)))
+    out = lora_epilogue(c, h, b, 2.0)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == f"{_LoraEpilogue.__name__}Backward"
+    reference = torch.addmm(c.float(), h.float(), b.float().t(), alpha=2.0)
+    torch.testing.assert_close(out.float(), reference, rtol=1e-2, atol=1e-2)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    got = [t.grad.clone() for t in (c, h, b)]
+    for t in (c, h, b):
+        t.grad = None
+    torch.addmm(c, h, b.t(), alpha=2.0).backward(grad)
+    for mine, theirs in zip(got, (c.grad, h.grad, b.grad), strict=True):
+        torch.testing.assert_close(mine.float(), theirs.float(), rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
