@@ -97,11 +97,8 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if not torch.is_autocast_enabled(x.device.type) and not x.dtype == a.dtype == b.dtype:
         return type(self).forward(self, x, *args, **kwargs)  # PEFT casts between dtypes; keep its rules
     result = self.base_layer(x)
-    h = F.linear(self.lora_dropout[name](x), a)
-    if result.dtype != h.dtype:  # e.g. a bitsandbytes layer outside autocast
-        return type(self).forward(self, x, *args, **kwargs)
-    if torch.is_autocast_enabled(x.device.type):  # the kernel takes one dtype: the one autocast gave the GEMMs
-        b = b.to(h.dtype)
+    # The epilogue takes one dtype, the base output's (under autocast the adapter may be stored in another).
+    h, b = F.linear(self.lora_dropout[name](x), a).to(result.dtype), b.to(result.dtype)
     out = lora_epilogue(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b, self.scaling[name])
     return out.view(result.shape)
 

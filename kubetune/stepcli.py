@@ -219,9 +219,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     metrics_path = args.metrics or beside(args.report, ".metrics.json")
     result = evaluate(
         args.model, args.adapter, args.eval_data, args.report, from_dict(EvalConfig, vars(args)),
-        tracking=Tracking(args.mlflow_tracking_uri or adapter_metadata.get("tracking_uri", ""),
-                          args.mlflow_experiment, adapter_metadata.get("mlflow_run_id", ""),
-                          args.kfp_run_id, args.kfp_run_name),
+        tracking=Tracking.of_adapter(adapter_metadata, args.mlflow_tracking_uri, args.mlflow_experiment,
+                                     args.kfp_run_id, args.kfp_run_name),
         prompt_style=data_metadata.get("prompt_style", "expert"),
         persona=data_metadata.get("persona", ""),
         trust_remote_code=args.trust_remote_code,

@@ -102,6 +102,15 @@ class Tracking:
     kfp_run_name: str = ""
     registered_model: str = ""  # empty: <experiment>-adapter; "none": do not register
 
+    @classmethod
+    def of_adapter(
+        cls, adapter_metadata: dict[str, Any], tracking_uri: str, experiment: str, kfp_run_id: str, kfp_run_name: str
+    ) -> Tracking:
+        """Evaluation logs into the training's MLflow run, which the adapter's metadata names with its store;
+        a given tracking URI takes precedence over that store."""
+        return cls(tracking_uri or adapter_metadata.get("tracking_uri", ""), experiment,
+                   adapter_metadata.get("mlflow_run_id", ""), kfp_run_id, kfp_run_name)
+
     def tracker(self) -> Tracker:
         return Tracker(resolve_tracking_uri(self.tracking_uri), self.experiment or "kubetune", run_id=self.run_id)
 
