@@ -18,6 +18,9 @@ import types
 import torch
 import torch.nn.functional as F
 
+# Ranks the kernel's register tiles are sized for (tested up to 64 on an H100); larger ranks use addmm.
+MAX_KERNEL_RANK = 64
+
 
 @functools.cache
 def _triton_kernel():
@@ -79,10 +82,12 @@ def lora_epilogue(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scalin
         and result.dtype in (torch.bfloat16, torch.float16)
         and result.dtype == h.dtype == b.dtype
         and result.is_contiguous() and h.is_contiguous() and b.is_contiguous()
+        and h.shape[1] <= MAX_KERNEL_RANK
         and _triton_kernel() is not None
     ):
         return _LoraEpilogue.apply(result, h, b, scaling)
     return torch.addmm(result, h, b.t(), alpha=scaling)
+
 
 # PEFT LoRA layers whose forward is ``base_layer(x)`` plus the adapter update (bf16/fp32 and bitsandbytes bases).
 _FUSABLE = {"Linear", "Linear4bit", "Linear8bitLt"}
