@@ -106,6 +106,8 @@ def test_speed_plan_on_a_7b_shape_without_and_with_a_small_gpu(monkeypatch):
     assert not big.gradient_checkpointing and big.batch_tokens >= 4096
     assert small.gradient_checkpointing
     assert lean.gradient_checkpointing and lean.activation_offloading and lean.optimizer == "adamw_8bit"
+    assert lean.host_embedding and lean.batch_tokens == 8192 and not big.host_embedding
+    assert not big.fused_lora and plan_speed(TrainConfig(), 2048, shape, free_bytes=79 << 30).fused_lora
     assert big.attention == small.attention == "kubetune_varlen"
 
 
