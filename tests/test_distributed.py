@@ -9,20 +9,14 @@ from pathlib import Path
 import pytest
 
 from kubetune import distributed
-from kubetune.config import DataConfig, LoraSettings, TrainConfig
+from kubetune.config import LoraSettings, TrainConfig
 from kubetune.errors import KubetuneError
 from kubetune.steps import Tracking
 
 
 @pytest.fixture(scope="module")
-def prepared(quantized_model_dir, tmp_path_factory):
-    from kubetune.data import prepare_dataset
-    from kubetune.modeling import load_tokenizer
-
-    root = tmp_path_factory.mktemp("prepared")
-    config = DataConfig(max_length=256, max_samples=64)
-    prepare_dataset(config, load_tokenizer(quantized_model_dir), str(root / "train.parquet"), str(root / "eval.parquet"))
-    return root
+def prepared(prepare_sample):
+    return prepare_sample(max_length=256, max_samples=64)
 
 
 def _train(model_dir: str, train_path: str, root: Path, *, max_steps: int) -> dict:

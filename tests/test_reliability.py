@@ -63,17 +63,10 @@ def _finished_files(root: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def prepared(quantized_model_dir, tmp_path_factory) -> Path:
+def prepared(prepare_sample) -> Path:
     """A small prepared training set with the metadata the train step reads (its max_length)."""
-    from kubetune.config import DataConfig
-    from kubetune.data import prepare_dataset
-    from kubetune.modeling import load_tokenizer
-
-    root = tmp_path_factory.mktemp("reliability-data")
-    train, evaluation = root / "train.parquet", root / "eval.parquet"
-    prepare_dataset(DataConfig(max_length=MAX_LENGTH, max_samples=96, max_eval_samples=4),
-                    load_tokenizer(quantized_model_dir), str(train), str(evaluation))
-    for path in (train, evaluation):
+    root = prepare_sample(max_length=MAX_LENGTH, max_samples=96, max_eval_samples=4)
+    for path in (root / "train.parquet", root / "eval.parquet"):
         write_json(metadata_path(path), {"max_length": MAX_LENGTH, "dataset": "kubetune://tcm-demo"})
     return root
 

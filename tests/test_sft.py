@@ -7,20 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.config import DataConfig, LoraSettings, TrainConfig
+from kubetune.config import LoraSettings, TrainConfig
 from kubetune.errors import KubetuneError
 from kubetune.sft import ADAPTER_METADATA_FILE, last_complete_checkpoint, plan_speed, train_lora
 
 
 @pytest.fixture(scope="module")
-def prepared(quantized_model_dir, tmp_path_factory):
-    from kubetune.data import prepare_dataset
-    from kubetune.modeling import load_tokenizer
-
-    root = tmp_path_factory.mktemp("prepared")
-    config = DataConfig(max_length=256, max_samples=160)
-    prepare_dataset(config, load_tokenizer(quantized_model_dir), str(root / "train.parquet"), str(root / "eval.parquet"))
-    return root
+def prepared(prepare_sample):
+    return prepare_sample(max_length=256, max_samples=160)
 
 
 def test_training_lowers_loss_and_writes_a_loadable_adapter(quantized_model_dir, prepared, tmp_path):
