@@ -187,36 +187,24 @@ def run_kubetune(nf4_dir: Path, rows: list[list[int]], steps: int, **overrides) 
             "host_embedding": plan.host_embedding, "plan": plan.reasons}
 
 
-def run_unfused(nf4_dir: Path, rows: list[list[int]], steps: int) -> dict:
-    """kubetune's defaults with PEFT's own LoRA forward instead of the fused update (to measure what it gives)."""
+def run_ablation(nf4_dir: Path, rows: list[list[int]], steps: int, **replaced) -> dict:
+    """kubetune's defaults with pieces of ``kubetune.fused_lora`` replaced, to measure what each one gives."""
+    from unittest.mock import patch
+
     import kubetune.fused_lora
 
-    fuse = kubetune.fused_lora.fuse_lora_layers
-    kubetune.fused_lora.fuse_lora_layers = lambda model: 0
-    try:
+    with patch.multiple(kubetune.fused_lora, **replaced):
         return run_kubetune(nf4_dir, rows, steps)
-    finally:
-        kubetune.fused_lora.fuse_lora_layers = fuse
-
-
-def run_addmm(nf4_dir: Path, rows: list[list[int]], steps: int) -> dict:
-    """kubetune's defaults with cuBLAS addmm for the fused LoRA update instead of the Triton kernel."""
-    import kubetune.fused_lora
-
-    kernel = kubetune.fused_lora._triton_kernel
-    kubetune.fused_lora._triton_kernel = lambda: None
-    try:
-        return run_kubetune(nf4_dir, rows, steps)
-    finally:
-        kubetune.fused_lora._triton_kernel = kernel
 
 
 CONFIGS = {
     "baseline": lambda bf16, nf4, rows, steps: run_baseline(bf16, rows, steps),
     "kubetune": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps),
     "lean": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True),
-    "kubetune_unfused": lambda bf16, nf4, rows, steps: run_unfused(nf4, rows, steps),
-    "kubetune_addmm": lambda bf16, nf4, rows, steps: run_addmm(nf4, rows, steps),
+    # PEFT's own LoRA forward instead of the fused update
+    "kubetune_unfused": lambda bf16, nf4, rows, steps: run_ablation(nf4, rows, steps, fuse_lora_layers=lambda model: 0),
+    # the fused update through cuBLAS addmm instead of the Triton kernel
+    "kubetune_addmm": lambda bf16, nf4, rows, steps: run_ablation(nf4, rows, steps, _triton_kernel=lambda: None),
     "kubetune_log10": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, logging_steps=10),
     "kubetune_flex": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, attention="flex_attention"),
     "kubetune_sdpa": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, attention="sdpa"),
