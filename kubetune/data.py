@@ -58,8 +58,8 @@ import pyarrow.compute as pc
 
 from kubetune.config import SAMPLE_DATASET, DataConfig
 from kubetune.errors import KubetuneError
+from kubetune.secrets import REDACTED, redact_secrets, secret_values_in_env
 from kubetune.storage import atomic_file
-from kubetune.tracking import REDACTED, secret_values
 
 if TYPE_CHECKING:
     import datasets
@@ -106,20 +106,6 @@ class PrepResult:
     summary_markdown: str
     format: str = ""
     columns: dict[str, str] = field(default_factory=dict)
-
-
-def secret_values_in_env(environ: dict[str, str] | None = None) -> list[str]:
-    """Values of secret environment variables to keep out of training data: the ones MLflow logging redacts
-    (:func:`kubetune.tracking.secret_values`), less those short or purely alphabetic enough to be plain words."""
-    return [v for v in secret_values(environ) if len(v) >= 8 and not v.isalpha()]
-
-
-def redact_secrets(text: str, secrets: list[str]) -> str:
-    """``text`` with every one of ``secrets`` (longest first) replaced by ``***``."""
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
-    return text
 
 
 # ----------------------------------------------------------------------------------------------------------

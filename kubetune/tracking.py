@@ -19,7 +19,6 @@ The adapter is registered in the MLflow Model Registry; load it back with::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -27,7 +26,6 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError
+from kubetune.secrets import (  # noqa: F401
+    REDACTED,
+    TOKEN_SHAPES,
+    URL_PASSWORD,
+    is_secret_name,
+    redact,
+    secret_values,
+    without_credentials,
+)
 from kubetune.storage import file_sha256  # noqa: F401 - part of this module's API (dataset hashes)
 
 log = logging.getLogger("kubetune.tracking")
@@ -48,59 +55,12 @@ REGISTERED_VERSION_TAG = "kubetune.registered_model_version"
 DATASET_HASH_TAG = "kubetune.dataset_sha256"
 MAX_PARAM_LENGTH = 500  # MLflow takes 6000; longer values are unreadable in its UI, and the marker keeps a hash
 MAX_TAG_LENGTH = 5000
-REDACTED = "***"
 RETRY_INTERVAL_S = 20.0  # while the server is down, try again at most this often
 SYSTEM_METRICS_INTERVAL_S = 10.0  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides
 SYSTEM_METRICS_PREFIX = "system/"
 NO_REGISTRATION = "none"
-# Whole name parts only (after camelCase is split): HF_TOKEN, aws_secret_access_key, api-key, hfToken match;
-# tokenizer, max_new_tokens don't.
-SECRET_NAME = re.compile(
-    r"(^|[_.\-])(token|secrets?|password|passwd|passphrase|credentials?|auth|authorization|cookie|"
-    r"api[_\-]?key|access[_\-]?key|private[_\-]?key|account[_\-]?key|connection[_\-]?string)($|[_.\-])",
-    re.I,
-)
-# Secrets with a recognisable shape are redacted even when no environment variable holds them: Hugging Face,
-# GitHub and AWS access key ids, bearer tokens, and passwords in URLs.
-TOKEN_SHAPES = re.compile(
-    r"\bhf_[A-Za-z0-9]{30,}\b|\bgh[pousr]_[A-Za-z0-9]{30,}\b|\bgithub_pat_\w{40,}\b|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
-    r"|(?<=[Bb]earer )[A-Za-z0-9._~+/=-]{16,}"
-)
-URL_PASSWORD = re.compile(r"(?<=://)([^/\s:@]+):[^@\s/]+@")
 _TEXT_SUFFIXES = {".json", ".jsonl", ".html", ".htm", ".md", ".txt", ".yaml", ".yml", ".csv", ".jinja", ".py", ".cfg"}
 _MAX_TEXT_BYTES = 64 << 20
-
-
-# -- secrets ---------------------------------------------------------------------------------------------------
-def is_secret_name(name: str) -> bool:
-    """Does a variable or parameter name look like it holds a secret?"""
-    return bool(SECRET_NAME.search(re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name))) or "password" in name.lower()
-
-
-def without_credentials(uri: str) -> str:
-    """The URI without a ``user:password@`` part: credentials belong in MLFLOW_TRACKING_USERNAME/PASSWORD."""
-    return re.sub(r"(?<=://)[^/@]*@", "", uri)
-
-
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of environment variables whose names look like secrets (long enough to be worth matching)."""
-    environ = os.environ if environ is None else environ
-    values = {v.strip() for k, v in environ.items() if is_secret_name(k) and len(v.strip()) >= 6}
-    variants = set()
-    for value in values:
-        # The same secret as it appears inside JSON strings and URLs.
-        variants |= {value, json.dumps(value)[1:-1], urllib.parse.quote(value, safe=""), urllib.parse.quote_plus(value)}
-    return sorted(variants, key=len, reverse=True)
-
-
-def redact(value: Any, secrets: Iterable[str] = ()) -> str:
-    """``str(value)`` with known secret values, token-shaped strings and URL passwords replaced by ``***``."""
-    text = str(value)
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, REDACTED)
-    text = URL_PASSWORD.sub(rf"\1:{REDACTED}@", text)
-    return TOKEN_SHAPES.sub(REDACTED, text)
 
 
 def truncate(text: str, limit: int = MAX_PARAM_LENGTH) -> str:
