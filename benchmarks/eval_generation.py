@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from kubetune.config import QuantConfig
-from kubetune.evaluate import generate_answers
+from kubetune.generation import generate_answers
 from kubetune.modeling import load_model, load_tokenizer, quantize_model
 from kubetune.tiny import make_tiny_model, make_tokenizer
 

@@ -29,36 +29,37 @@ def evaluate_model(
         model: The 4-bit base model from quantize_model.
         adapter: The LoRA adapter from train_lora (its metadata names the MLflow run).
         eval_data: Held-out rows from prepare_dataset.
-        probe_questions: Questions asked of both models besides the held-out prompts.
+        probe_questions: Questions asked of both models besides the held-out prompts (the side-by-side check).
         max_new_tokens: Cap on generated tokens per answer.
-        max_generation_samples: Held-out prompts to answer (0 = all).
-        mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else a local sqlite store.
+        max_generation_samples: Held-out prompts to generate answers for (0 = all).
+        mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite
+            store.
         mlflow_experiment: MLflow experiment name.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name.
-        trust_remote_code: Allow model code from the hub (must match the model load step).
+        trust_remote_code: Allow model and tokenizer code from the hub.
 
     Returns:
         metrics: Base vs tuned loss, perplexity and chrF, shown on the Kubeflow run page.
         report: The HTML report with base and tuned answers side by side, shown by the Kubeflow UI.
     """
+    from kubetune import steps
     from kubetune.config import EvalConfig
     from kubetune.errors import clear_errors
-    from kubetune.steps import Tracking, evaluate, numbers
+    from kubetune.tracking import Tracking
 
     with clear_errors():
-        result = evaluate(
+        result = steps.evaluate(
             model.path, adapter.path, eval_data.path, report.path,
             EvalConfig(probe_questions=[str(q) for q in probe_questions], max_new_tokens=max_new_tokens,
                        max_generation_samples=max_generation_samples),
             tracking=Tracking.of_adapter(adapter.metadata, mlflow_tracking_uri, mlflow_experiment, kfp_run_id,
                                          kfp_run_name),
-            prompt_style=eval_data.metadata.get("prompt_style", "expert"),
-            persona=eval_data.metadata.get("persona", ""),
+            data_metadata=dict(eval_data.metadata),
             trust_remote_code=trust_remote_code,
         )
-    for name, value in numbers(result).items():
+    for name, value in steps.numbers(result).items():
         metrics.log_metric(name, value)
-    report.metadata.update({"mlflow_run_id": result["mlflow_run_id"], "mlflow_run_url": result["mlflow_run_url"]})
+    report.metadata.update(steps.report_metadata(result))
     if result["tracking_report"]:
         print(result["tracking_report"], flush=True)

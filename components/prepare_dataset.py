@@ -32,20 +32,23 @@ def prepare_dataset(
     token-length percentiles.
 
     Args:
-        dataset: File, folder, s3:// or gs:// URI, hub id, or kubetune://tcm-demo for the bundled demo data.
-        base_model: Model whose tokenizer measures and tokenizes the text (local directory or hub id).
-        model_revision: Hub revision (branch, tag or commit) of base_model; empty for the default.
-        dataset_format: alpaca, chat, prompt_completion, or auto to detect from the columns.
-        columns: Explicit column mapping, e.g. instruction=question,output=answer.
-        prompt_style: expert (persona + instruction/response template) or chat (tokenizer chat template).
+        dataset: Dataset: a local file or folder (jsonl, json, parquet, csv), an s3:// or gs:// URI, a hub id,
+            or kubetune://tcm-demo for the bundled demo data.
+        base_model: Base model: a local directory (e.g. on the cache volume, /cache/...) or a hub id.
+        model_revision: Hub revision (branch, tag or commit) of base_model; empty for the default branch.
+        dataset_format: Row format: alpaca (instruction/input/output), chat (messages), prompt_completion, or
+            auto to detect.
+        columns: Explicit column mapping, e.g. instruction=question,output=answer (empty = detect).
+        prompt_style: expert: persona + instruction/response template; chat: the tokenizer's chat template
+            with the persona as the system message.
         persona: The expert persona placed at the top of every prompt; empty = the built-in TCM expert.
-        max_length: Maximum tokens per sample.
-        length_policy: drop or truncate samples longer than max_length.
-        max_samples: Keep at most this many rows (0 = all), sampled with the seed.
-        eval_fraction: Fraction of rows held out for evaluation.
+        max_length: Maximum tokens per sample (prompt + completion).
+        length_policy: What to do with samples longer than max_length: drop them, or truncate the completion.
+        max_samples: Keep at most this many rows after cleaning, sampled with the seed (0 = all).
+        eval_fraction: Fraction of rows held out for evaluation, in (0, 1).
         max_eval_samples: Cap on held-out rows (0 = no cap).
-        seed: Seed for sampling and the split.
-        trust_remote_code: Allow tokenizer code from the hub.
+        seed: Seed for sampling, the train/eval split and training.
+        trust_remote_code: Allow model and tokenizer code from the hub.
 
     Returns:
         train_data: Prepared training rows (prompt/completion, JSONL).

@@ -21,12 +21,13 @@ def quantize_model(
     are unchanged. The artifact's metadata records the source, revision, content hash and quantization settings.
 
     Args:
-        base_model: Local model directory (e.g. on a mounted volume) or hub id.
-        model_revision: Hub revision (branch, tag or commit); empty for the default branch.
-        quantization: nf4, fp4, or none to keep bf16 weights (plain LoRA).
-        double_quant: Quantize the quantization constants as well.
-        compute_dtype: Dtype of 4-bit matmuls: auto, bfloat16, float16 or float32.
-        trust_remote_code: Allow model code from the hub.
+        base_model: Base model: a local directory (e.g. on the cache volume, /cache/...) or a hub id.
+        model_revision: Hub revision (branch, tag or commit) of base_model; empty for the default branch.
+        quantization: 4-bit scheme: nf4, fp4, or none for plain bf16 LoRA.
+        double_quant: Quantize the quantization constants too (saves about 0.4 bit per weight).
+        compute_dtype: Dtype of the 4-bit matmuls: auto picks bfloat16 where the hardware has it, float16
+            otherwise.
+        trust_remote_code: Allow model and tokenizer code from the hub.
 
     Returns:
         model: The pre-quantized model and tokenizer; metadata: source, revision, hash, quantization.

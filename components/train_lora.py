@@ -46,25 +46,33 @@ def train_lora(
         lora_r: LoRA rank.
         lora_alpha: LoRA alpha (scale = alpha / r).
         lora_dropout: Dropout on the LoRA input.
-        target_modules: all-linear, or comma-separated module names such as q_proj,v_proj.
+        target_modules: Comma-separated module names to adapt, or all-linear for every linear layer but the
+            output head.
         learning_rate: Peak learning rate.
-        lr_scheduler: linear, cosine, constant, ...
+        lr_scheduler: Learning-rate schedule (linear, cosine, constant, ...).
         warmup_ratio: Fraction of steps spent warming up.
         num_epochs: Epochs over the training set (ignored when max_steps > 0).
         max_steps: Stop after this many optimizer steps (0 = run num_epochs).
-        batch_tokens: Tokens per packed micro-batch (0 = sized from free GPU memory).
+        batch_tokens: Tokens per packed micro-batch (0 = auto: sized from free GPU memory, 8x max_length on
+            the CPU).
         gradient_accumulation: Micro-batches per optimizer step.
-        lean: Lean mode for small GPUs (checkpointing, small batches, 8-bit optimizer).
-        save_steps: Checkpoint every N steps (0 = only at the end).
-        seed: Training seed.
-        checkpoint_dir: Where checkpoints go; a retry resumes from the last one. Empty = checkpoint_root/kfp_run_id.
-        checkpoint_root: Volume directory (survives pod restarts) for per-run checkpoints; empty = beside the output.
-        mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI, else a local sqlite store.
+        lean: Lean mode for small GPUs: checkpointing with CPU offload, input embedding in host memory,
+            8,192-token packed batches, 8-bit optimizer.
+        save_steps: Checkpoint every N optimizer steps (0 = only at the end).
+        seed: Seed for sampling, the train/eval split and training.
+        checkpoint_dir: Where SFT checkpoints go; a retried step resumes from the last one. Empty =
+            /cache/checkpoints/<run id> when a cache volume is mounted, else beside the output (lost with the
+            pod).
+        checkpoint_root: Volume directory (survives pod restarts) for per-run checkpoints; empty = beside the
+            output.
+        mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite
+            store.
         mlflow_experiment: MLflow experiment name.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name, used as the MLflow run name.
-        num_gpus: Data-parallel processes, one per GPU (torchrun, DDP); set it to the step's accelerator count.
-        trust_remote_code: Allow model code from the hub (must match the model load step).
+        num_gpus: Data-parallel processes, one per GPU (torchrun, DDP); set it to the step's accelerator
+            count.
+        trust_remote_code: Allow model and tokenizer code from the hub.
 
     Returns:
         adapter: The LoRA adapter (safetensors) and tokenizer; metadata holds the MLflow run id.
@@ -73,33 +81,32 @@ def train_lora(
     """
     from collections import namedtuple
 
+    from kubetune import steps
     from kubetune.config import LoraSettings, TrainConfig
-    from kubetune.distributed import train
     from kubetune.errors import clear_errors
-    from kubetune.steps import Tracking, checkpoint_location, numbers
+    from kubetune.tracking import Tracking
 
     with clear_errors():
-        result = train(
+        result = steps.train(steps.TrainJob(
             model.path, train_data.path, adapter.path,
             lora=LoraSettings(lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                               target_modules=target_modules),
-            train_config=TrainConfig(
+            train=TrainConfig(
                 learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
                 num_epochs=num_epochs, max_steps=max_steps, batch_tokens=batch_tokens,
                 gradient_accumulation=gradient_accumulation, lean=lean, save_steps=save_steps, seed=seed,
                 trust_remote_code=trust_remote_code,
             ),
-            max_length=int(float(train_data.metadata.get("max_length", 2048))),
-            checkpoint_dir=checkpoint_location(checkpoint_dir, checkpoint_root, kfp_run_id, adapter.path),
+            max_length=steps.prepared_max_length(train_data.metadata),
+            checkpoint_dir=steps.checkpoint_location(checkpoint_dir, checkpoint_root, kfp_run_id, adapter.path),
             tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name),
             model_metadata=dict(model.metadata),
             data_metadata=dict(train_data.metadata),
             nproc=num_gpus,
-        )
-    for name, value in numbers(result).items():
+        ))
+    for name, value in steps.numbers(result).items():
         metrics.log_metric(name, value)
-    adapter.metadata.update({k: result[k] for k in ("mlflow_run_id", "mlflow_run_url", "tracking_uri")})
-    adapter.metadata.update({"base_model": model.metadata.get("source", ""), "mlflow_experiment": mlflow_experiment})
+    adapter.metadata.update(steps.adapter_metadata(result, model.metadata, mlflow_experiment))
     if result["tracking_report"]:
         print(result["tracking_report"], flush=True)
     return namedtuple("TrainOutputs", ["mlflow_run_id"])(result["mlflow_run_id"])

@@ -1,32 +1,26 @@
 """Compare fine-tuning runs across MLflow experiments: what differs, how they scored, which one is best.
 
-:func:`compare_runs` is the plain function a notebook calls; ``kubetune compare`` (registered by
-:func:`add_parser`) prints its result as text, CSV or JSON, writes plots, and can put a registry alias such as
-``champion`` on the best run's adapter version. The plot helpers are also used by the evaluation step for the
-per-run plots it logs to MLflow.
+:func:`compare_runs` is the plain function a notebook calls; :func:`write_plots` saves a comparison's loss curves
+and metric by run (figures from :mod:`kubetune.plots`), and :func:`set_best_alias` puts a registry alias such as
+``champion`` on the best run's adapter version. ``kubetune compare`` (:mod:`kubetune.cli.compare`) prints a
+comparison as text, CSV or JSON.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from kubetune.errors import KubetuneError
-from kubetune.tracking import (
-    DEFAULT_EXPERIMENT,
-    REGISTERED_MODEL_TAG,
-    REGISTERED_VERSION_TAG,
-    redact,
-    resolve_tracking_uri,
-)
+from kubetune.plots import LOSS_METRIC, plot_loss_curves, plot_metric_by_run
+from kubetune.secrets import redact
+from kubetune.tracking import REGISTERED_MODEL_TAG, REGISTERED_VERSION_TAG
 
 DEFAULT_METRIC = "eval.tuned_eval_loss"
 KEY_METRICS = (
@@ -41,7 +35,6 @@ KEY_METRICS = (
     "sft.train_runtime_s",
     "sft.gpu_peak_memory_gib",
 )
-LOSS_METRIC = "train.loss"
 # Metrics where higher is better; the default direction for --metric when --mode is not given.
 HIGHER_IS_BETTER = ("chrf", "reduction", "gain", "tokens_per_second", "accuracy")
 Mode = Literal["min", "max"]
@@ -312,71 +305,7 @@ def set_best_alias(comparison: Comparison, alias: str) -> tuple[str, str]:
     return name, version
 
 
-# -- plots -----------------------------------------------------------------------------------------------------
-def _figure(width: float = 7.0, height: float = 4.0):
-    # The object API with the Agg canvas: no pyplot state, no display, safe in threads and headless pods.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height))
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def plot_loss_curves(curves: Mapping[str, Sequence[tuple[int, float]]], title: str = "Training loss"):
-    """One line per curve of ``(step, value)`` points, overlaid; returns a matplotlib Figure."""
-    figure = _figure()
-    axes = figure.add_subplot()
-    for label, points in curves.items():
-        if points:
-            steps, values = zip(*sorted(points), strict=True)
-            axes.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3, label=label)
-    from matplotlib.ticker import MaxNLocator
-
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("step")
-    axes.set_ylabel("loss")
-    axes.set_title(title)
-    axes.grid(alpha=0.3)
-    if len(curves) > 1 or any(label != LOSS_METRIC for label in curves):
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_base_vs_tuned(metrics: Mapping[str, Any]):
-    """Bars of base vs tuned for every ``base_X``/``tuned_X`` pair of eval metrics (one panel each, as their
-    scales differ); None when there is no pair."""
-    pairs = [key[5:] for key in metrics if key.startswith("base_") and f"tuned_{key[5:]}" in metrics
-             and "tokens_per_second" not in key]
-    if not pairs:
-        return None
-    figure = _figure(3.0 * len(pairs), 3.6)
-    for index, name in enumerate(pairs, start=1):
-        axes = figure.add_subplot(1, len(pairs), index)
-        values = [float(metrics[f"base_{name}"]), float(metrics[f"tuned_{name}"])]
-        bars = axes.bar(["base", "tuned"], values, color=["#999999", "#2a7ab9"])
-        axes.bar_label(bars, fmt="%.4g", fontsize=8)
-        axes.set_title(name)
-    figure.suptitle("Evaluation: base vs tuned")
-    figure.tight_layout()
-    return figure
-
-
-def plot_metric_by_run(labels: Sequence[str], values: Sequence[float], metric: str, best_index: int | None = None):
-    """A bar per run for one metric, the best one highlighted."""
-    figure = _figure(max(5.0, 1.1 * len(labels) + 2), 4.2)
-    axes = figure.add_subplot()
-    colors = ["#d9822b" if i == best_index else "#2a7ab9" for i in range(len(labels))]
-    bars = axes.bar(range(len(labels)), values, color=colors)
-    axes.bar_label(bars, fmt="%.4g", fontsize=8)
-    axes.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    axes.set_ylabel(metric)
-    axes.set_title(f"{metric} by run")
-    figure.tight_layout()
-    return figure
-
-
+# -- writing plots ---------------------------------------------------------------------------------------------
 def write_plots(comparison: Comparison, plots_dir: str | Path) -> list[str]:
     """Write ``loss_curves.png`` (train.loss of every run, overlaid) and ``metric_by_run.png`` (the comparison
     metric per run) to ``plots_dir``; returns the paths written and records them on the comparison."""
@@ -410,53 +339,3 @@ def _plot_label(row: RunRow, differing: Sequence[str]) -> str:
     """What tells runs apart in a legend: their differing params (short names), else the run name; plus the id."""
     parts = [f"{name.rsplit('.', 1)[-1]}={_short(row.params.get(name, '-'), 16)}" for name in differing[:3]]
     return f"{', '.join(parts) or _short(row.run_name or row.run_id, 32)} [{row.run_id[:6]}]"
-
-
-# -- command -------------------------------------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    """Register ``kubetune compare`` on an argparse subparsers object."""
-    parser = sub.add_parser(
-        "compare",
-        help="compare MLflow runs: differing params, key metrics, best run, plots, champion alias",
-        description="Compare fine-tuning runs of one or several MLflow experiments.",
-    )
-    parser.add_argument("--experiment", action="append", default=[], metavar="NAME",
-                        help=f"experiment to include (repeatable; default {DEFAULT_EXPERIMENT})")
-    parser.add_argument("--tracking-uri", default="",
-                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./kubetune-local/mlflow.db)")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric that picks the best run ({DEFAULT_METRIC})")
-    parser.add_argument("--mode", choices=("min", "max"), default=None,
-                        help="whether lower or higher is better (default: min for losses, max for chrF/gains)")
-    parser.add_argument("--show-metric", action="append", default=[], metavar="NAME",
-                        help="extra metric column (repeatable)")
-    parser.add_argument("--format", choices=("text", "csv", "json"), default="text", help="output format")
-    parser.add_argument("--plots-dir", default="", help="write loss_curves.png and metric_by_run.png here")
-    parser.add_argument("--finished-only", action="store_true", help="leave out runs that did not finish")
-    parser.add_argument("--set-alias", default="", metavar="ALIAS",
-                        help="point this registry alias (e.g. champion) at the best run's adapter version")
-    parser.set_defaults(func=cmd_compare)
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
-    comparison = compare_runs(uri, args.experiment or [DEFAULT_EXPERIMENT], args.metric, args.mode,
-                              metrics=args.show_metric, include_unfinished=not args.finished_only)
-    if args.plots_dir:
-        write_plots(comparison, args.plots_dir)
-    if args.set_alias:
-        name, version = set_best_alias(comparison, args.set_alias)
-        print(f"alias {args.set_alias!r} -> {name} version {version} (run {comparison.best.run_id})", file=sys.stderr)
-    output = {"text": comparison.to_text, "csv": comparison.to_csv, "json": comparison.to_json}[args.format]()
-    sys.stdout.write(output if output.endswith("\n") else output + "\n")
-    return 0
-
-
-def _env_uri() -> str:
-    import os
-
-    return os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-
-
-def _local_uri() -> str:
-    # The store `kubetune run --local` writes by default; not created here when missing.
-    return f"sqlite:///{Path('kubetune-local').resolve() / 'mlflow.db'}"

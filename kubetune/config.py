@@ -26,6 +26,7 @@ DEFAULT_PERSONA = (
     "diagnosis by pattern differentiation, herbal formulas and acupuncture. Answer accurately and carefully."
 )
 SAMPLE_DATASET = "kubetune://tcm-demo"
+DEFAULT_BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
 ALL_LINEAR = "all-linear"
 
 
@@ -80,7 +81,7 @@ class DataConfig:
     max_samples: int = _help("Keep at most this many rows after cleaning, sampled with the seed (0 = all).", 0)
     eval_fraction: float = _help("Fraction of rows held out for evaluation, in (0, 1).", 0.1)
     max_eval_samples: int = _help("Cap on held-out rows (0 = no cap).", 200)
-    seed: int = _help("Seed for sampling and the train/eval split.", 42)
+    seed: int = _help("Seed for sampling, the train/eval split and training.", 42)
     num_proc: int = _help("Processes for tokenization (0 = one per CPU core, at most 8).", 0)
 
     def validate(self) -> None:
@@ -259,12 +260,93 @@ class EvalConfig:
         return problems
 
 
+@dataclass
+class RunConfig:
+    """Settings of a pipeline run that no single step's config holds: the base model, tracking, checkpoints."""
+
+    base_model: str = _help("Base model: a local directory (e.g. on the cache volume, /cache/...) or a hub id.",
+                            DEFAULT_BASE_MODEL)
+    model_revision: str = _help("Hub revision (branch, tag or commit) of base_model; empty for the default branch.", "")
+    columns: str = _help("Explicit column mapping, e.g. instruction=question,output=answer (empty = detect).", "")
+    checkpoint_dir: str = _help(
+        "Where SFT checkpoints go; a retried step resumes from the last one. Empty = /cache/checkpoints/<run id> "
+        "when a cache volume is mounted, else beside the output (lost with the pod).",
+        "",
+    )
+    mlflow_tracking_uri: str = _help(
+        "MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite store.", ""
+    )
+    mlflow_experiment: str = _help("MLflow experiment name.", "kubetune")
+    trust_remote_code: bool = _help("Allow model and tokenizer code from the hub.", False)
+
+    def validate(self) -> None:
+        collect(self.problems())
+
+    def problems(self) -> list[tuple[str, str]]:
+        """Every (problem, fix) of these settings; empty when they are valid."""
+        if not self.base_model.strip():
+            return [("base_model is empty", "pass a local model directory or a hub id")]
+        return []
+
+
+CONFIGS: tuple[type, ...] = (RunConfig, DataConfig, QuantConfig, LoraSettings, TrainConfig, EvalConfig)
+"""Every settings dataclass; a name that two of them declare (seed, trust_remote_code) is one setting."""
+
+PIPELINE_PARAMETERS: tuple[str, ...] = (
+    "dataset", "base_model", "model_revision", "dataset_format", "columns", "prompt_style", "persona", "max_length",
+    "length_policy", "max_samples", "eval_fraction", "max_eval_samples", "quantization", "double_quant", "lora_r",
+    "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs",
+    "max_steps", "batch_tokens", "gradient_accumulation", "lean", "save_steps", "checkpoint_dir", "seed",
+    "probe_questions", "max_new_tokens", "max_generation_samples", "mlflow_tracking_uri", "mlflow_experiment",
+    "trust_remote_code",
+)
+"""The pipeline parameters the Kubeflow UI shows, in its order; each is a field of one of :data:`CONFIGS`."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting as the pipeline, the components and the command line declare it."""
+
+    name: str
+    type: type  # the plain Python type KFP understands: str, int, float, bool, list
+    default: Any
+    help: str
+    choices: tuple[Any, ...] = ()  # the values of a Literal[...] field
+
+
+def _plain_type(hint: Any) -> type:
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0])
+    return typing.get_origin(hint) or hint
+
+
+def settings() -> dict[str, Setting]:
+    """Every field of :data:`CONFIGS` by name (the first declaration of a shared name wins; a test checks that
+    the others agree)."""
+    found: dict[str, Setting] = {}
+    for cls in CONFIGS:
+        hints, instance = typing.get_type_hints(cls), cls()
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            found.setdefault(f.name, Setting(
+                f.name, _plain_type(hint), getattr(instance, f.name), " ".join(f.metadata.get("help", "").split()),
+                typing.get_args(hint) if typing.get_origin(hint) is Literal else (),
+            ))
+    return found
+
+
+def pipeline_settings() -> list[Setting]:
+    """The pipeline parameters as :class:`Setting` rows, in the order the UI shows them."""
+    known = settings()
+    return [known[name] for name in PIPELINE_PARAMETERS]
+
+
 def validate_parameters(values: dict[str, Any]) -> None:
     """Check pipeline parameter values (by name, as ``--param`` and the Kubeflow UI set them) against the rules of
     every config they feed, before anything runs: one error listing every problem, instead of a step failing
     minutes into the run. Names no config declares are ignored."""
     problems: list[tuple[str, str]] = []
-    for cls in (DataConfig, QuantConfig, LoraSettings, TrainConfig, EvalConfig):
+    for cls in CONFIGS:
         for problem in from_dict(cls, values).problems():
             if problem not in problems:  # seed, say, feeds two configs
                 problems.append(problem)

@@ -22,16 +22,17 @@ import sys
 import tempfile
 import threading
 import traceback
-from dataclasses import asdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from kubetune.errors import KubetuneError
+from kubetune.storage import atomic_file
 
 log = logging.getLogger("kubetune")
 
 RESULT_FILE = "result.json"
-SPEC_FILE = "train.json"
+SPEC_FILE = "job.json"
 _ERROR_FILE = "error-rank{rank}.json"
 
 
@@ -164,36 +165,20 @@ class record_errors:  # noqa: N801 - used as `with record_errors():`
         return False
 
 
-def _destroy_process_group() -> None:
+def destroy_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-# -- the SFT step ----------------------------------------------------------------------------------------------
-def train(model_dir: str, train_path: str, adapter_dir: str, *, nproc: int = 1, **kwargs: Any) -> dict[str, Any]:
-    """:func:`kubetune.steps.train` on ``nproc`` GPUs (0 = every visible GPU). Same arguments, same result."""
-    from kubetune import steps
-
-    if under_torchrun():
-        result = steps.train(model_dir, train_path, adapter_dir, **kwargs)
-        _destroy_process_group()
-        return result
-    nproc = resolve_nproc(nproc)
-    if runs_in_process(nproc):
-        return steps.train(model_dir, train_path, adapter_dir, **kwargs)
-    if kwargs.get("tracking") is not None:
-        # Every rank builds an MLflow client; a local sqlite store would be created (schema migrations) by all
-        # of them at once and fail. Create it here, once, before the ranks start.
-        kwargs["tracking"].tracker()
-    spec = {
-        "model_dir": model_dir, "train_path": train_path, "adapter_dir": adapter_dir,
-        **{k: asdict(v) if hasattr(v, "__dataclass_fields__") else v for k, v in kwargs.items()},
-    }
+# -- launching a step ------------------------------------------------------------------------------------------
+def launch(spec_json: str, nproc: int, module: str) -> dict[str, Any]:
+    """Run ``python -m <module> WORK_DIR`` on ``nproc`` ranks with ``spec_json`` in ``WORK_DIR/job.json``; returns
+    the result rank 0 wrote (see :func:`worker_main`)."""
     with tempfile.TemporaryDirectory(prefix="kubetune-ddp-") as work:
-        Path(work, SPEC_FILE).write_text(json.dumps(spec, ensure_ascii=False, default=str), encoding="utf-8")
-        run_torchrun(nproc, ["-m", "kubetune.distributed", work], error_dir=work)
+        Path(work, SPEC_FILE).write_text(spec_json, encoding="utf-8")
+        run_torchrun(nproc, ["-m", module, work], error_dir=work)
         result = Path(work, RESULT_FILE)
         if not result.is_file():
             raise KubetuneError("distributed training ended without rank 0's result",
@@ -201,42 +186,24 @@ def train(model_dir: str, train_path: str, adapter_dir: str, *, nproc: int = 1, 
         return json.loads(result.read_text(encoding="utf-8"))
 
 
-def _train_worker(work: str) -> None:
-    """One rank of :func:`train`: rebuild the arguments, run the step, rank 0 writes the result."""
-    from kubetune import steps
-    from kubetune.config import LoraSettings, TrainConfig, from_dict
-    from kubetune.storage import atomic_file
-
-    spec = json.loads(Path(work, SPEC_FILE).read_text(encoding="utf-8"))
-    spec["lora"] = from_dict(LoraSettings, spec["lora"])
-    spec["train_config"] = from_dict(TrainConfig, spec["train_config"])
-    spec["tracking"] = from_dict(steps.Tracking, spec["tracking"])
-    result = steps.train(spec.pop("model_dir"), spec.pop("train_path"), spec.pop("adapter_dir"), **spec)
-    if is_rank_zero():
-        with atomic_file(Path(work, RESULT_FILE)) as staging:
-            Path(staging).write_text(json.dumps(result, ensure_ascii=False, default=str), encoding="utf-8")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Worker entry: ``torchrun ... -m kubetune.distributed WORK_DIR`` (started by :func:`train`)."""
-    argv = sys.argv[1:] if argv is None else argv
+def worker_main(argv: list[str], run: Callable[[str], dict[str, Any]], module: str) -> int:
+    """One rank's entry, ``torchrun ... -m <module> WORK_DIR``: ``run`` gets the job's JSON and returns the
+    result, which rank 0 writes for :func:`launch`. A clear error ends the rank with exit code 2."""
     if len(argv) != 1 or not under_torchrun():
-        print("usage: torchrun ... -m kubetune.distributed WORK_DIR (started by kubetune.distributed.train)",
-              file=sys.stderr)
+        print(f"usage: torchrun ... -m {module} WORK_DIR (started by kubetune.distributed.launch)", file=sys.stderr)
         return 2
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{os.environ.get('RANK')} %(levelname)s "
                             "%(name)s: %(message)s")
     try:
         with record_errors():
-            _train_worker(argv[0])
+            result = run(Path(argv[0], SPEC_FILE).read_text(encoding="utf-8"))
+            if is_rank_zero():
+                with atomic_file(Path(argv[0], RESULT_FILE)) as staging:
+                    Path(staging).write_text(json.dumps(result, ensure_ascii=False, default=str), encoding="utf-8")
     except KubetuneError as exc:  # a clear message, no traceback; the launcher repeats it once
         print(f"kubetune: error (rank {os.environ.get('RANK')}): {exc}", file=sys.stderr, flush=True)
         return 2
     # On success only: with a failed rank, collectives may never complete; torchrun stops the others.
-    _destroy_process_group()
+    destroy_process_group()
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

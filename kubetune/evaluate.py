@@ -15,6 +15,12 @@ from pathlib import Path
 
 from kubetune.config import EvalConfig
 from kubetune.errors import KubetuneError
+from kubetune.generation import (
+    cuda_available,
+    generate_answers,
+    model_device,
+    prompt_token_ids,
+)
 from kubetune.storage import atomic_file
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -22,8 +28,6 @@ EVAL_COLUMNS = ("prompt", "completion", "input_ids", "completion_mask")
 # Auto sizes: loss batches in tokens (padded), generation batches in prompts.
 GPU_EVAL_BATCH_TOKENS = 16384
 CPU_EVAL_BATCH_TOKENS = 4096
-GPU_GENERATION_BATCH = 64
-CPU_GENERATION_BATCH = 16
 # Rows of hidden states turned into logits at once: bounds the vocab-sized float32 buffer (152k vocab → 2.5 GB).
 _LOGIT_CHUNK = 4096
 
@@ -33,37 +37,6 @@ class EvalResult:
     metrics: dict[str, float]
     rows: list[dict[str, str]]
     report_path: str
-
-
-@dataclass
-class GenerationStats:
-    """What one :func:`generate_answers` call did."""
-
-    prompts: int
-    batches: int
-    generated_tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def _device(model):
-    return model.get_input_embeddings().weight.device
-
-
-def _synchronize() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def check_adapter_dir(adapter_dir: str) -> None:
@@ -153,7 +126,7 @@ def completion_loss(
     import torch
     import torch.nn.functional as F
 
-    device = _device(model)
+    device = model_device(model)
     parts = _scoring_parts(model)
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -187,104 +160,6 @@ def completion_loss(
                 total += F.cross_entropy(logits, targets[start : start + _LOGIT_CHUNK], reduction="sum").item()
             count += int(targets.numel())
     return total, count
-
-
-def prompt_token_ids(input_ids: Sequence[int], completion_mask: Sequence[int]) -> list[int]:
-    """The prompt part of a prepared row: exactly the tokens the model saw in training before the answer."""
-    for position, flag in enumerate(completion_mask):
-        if flag:
-            return list(input_ids[:position])
-    return list(input_ids)
-
-
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """Token ids of a templated prompt; no second BOS when the template already wrote one."""
-    bos = tokenizer.bos_token
-    add_special = not (bos and prompt.startswith(bos))
-    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-
-
-def _eos_ids(model, tokenizer) -> list[int]:
-    ids: list[int] = []
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (configured, tokenizer.eos_token_id):
-        for token in value if isinstance(value, (list, tuple)) else [value]:
-            if token is not None and token not in ids:
-                ids.append(int(token))
-    return ids
-
-
-def generate_answers(
-    model,
-    tokenizer,
-    prompts: Sequence[str | Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int = 0,
-    *,
-    min_new_tokens: int = 0,
-) -> tuple[list[str], GenerationStats]:
-    """Greedy answers for ``prompts`` (text or token ids), in their order, generated in left-padded batches.
-
-    Prompts are sorted by length before batching so a batch holds similar lengths (little padding); each batch
-    is one ``generate`` call with the KV cache. Only new tokens are decoded, up to the first EOS, without special
-    tokens. ``min_new_tokens`` exists for benchmarks, where random weights must produce equal lengths.
-    """
-    import torch
-    from transformers import GenerationConfig
-
-    encoded = [encode_prompt(tokenizer, p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
-    empty = [i for i, ids in enumerate(encoded) if not ids]
-    if empty:
-        raise KubetuneError(f"prompts {empty[:10]} are empty after tokenization", "drop empty prompts")
-    batch_size = batch_size or (GPU_GENERATION_BATCH if _cuda() else CPU_GENERATION_BATCH)
-    eos_ids = _eos_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    # Explicit greedy settings win over a hub generation_config that samples (R1 distills ship temperature 0.6).
-    generation_config = GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=50,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens or None,
-        use_cache=True,
-        eos_token_id=eos_ids,
-        pad_token_id=pad_id,
-    )
-    device = _device(model)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers = [""] * len(encoded)
-    generated = batches = 0
-    was_training = model.training
-    model.eval()
-    _synchronize()
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for first in range(0, len(order), batch_size):
-            batch = order[first : first + batch_size]
-            width = max(len(encoded[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, index in enumerate(batch):
-                n = len(encoded[index])
-                ids[row, width - n :] = torch.tensor(encoded[index], dtype=torch.long)
-                attention[row, width - n :] = 1
-            output = model.generate(
-                input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=generation_config
-            )
-            batches += 1
-            for row, index in enumerate(batch):
-                new = output[row, width:].tolist()
-                stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
-                answer = new if stop is None else new[:stop]
-                generated += len(new) if stop is None else stop + 1  # the EOS was generated too
-                answers[index] = tokenizer.decode(answer, skip_special_tokens=True)
-    _synchronize()
-    seconds = time.perf_counter() - started
-    if was_training:
-        model.train()
-    return answers, GenerationStats(len(encoded), batches, generated, seconds)
 
 
 def chrf_score(hypotheses: Sequence[str], references: Sequence[str]) -> float:
@@ -336,7 +211,7 @@ def evaluate_adapter(
 
     input_ids = dataset["input_ids"]
     masks = dataset["completion_mask"]
-    batch_tokens = config.eval_batch_tokens or (GPU_EVAL_BATCH_TOKENS if _cuda() else CPU_EVAL_BATCH_TOKENS)
+    batch_tokens = config.eval_batch_tokens or (GPU_EVAL_BATCH_TOKENS if cuda_available() else CPU_EVAL_BATCH_TOKENS)
     limit = config.max_generation_samples or len(dataset)
     generated_rows = list(range(min(limit, len(dataset))))
     prompts: list[str | list[int]] = [prompt_token_ids(input_ids[i], masks[i]) for i in generated_rows]
@@ -394,7 +269,7 @@ def evaluate_adapter(
         "Base model": model_dir,
         "Adapter": adapter_dir,
         "Eval data": f"{eval_path} ({len(dataset)} rows, {count} completion tokens scored)",
-        "Device": torch.cuda.get_device_name() if _cuda() else "cpu",
+        "Device": torch.cuda.get_device_name() if cuda_available() else "cpu",
         "Generation": f"greedy, max_new_tokens={config.max_new_tokens}, KV cache, left-padded batches",
         "Date (UTC)": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }

@@ -1,7 +1,8 @@
 """LoRA SFT with TRL on a (4-bit) base model: packed, per-sample-isolated, resumable.
 
-Speed settings are decided once, from the hardware, by :func:`plan_speed`; the plan is logged so every run says
-what it did and why.
+Speed settings are decided once, from the hardware, by :func:`kubetune.speed_plan.plan_speed`; the plan is logged
+so every run says what it did and why. :func:`sft_args` and :func:`peft_config` turn settings and plan into TRL's
+and PEFT's configs.
 """
 
 from __future__ import annotations
@@ -11,41 +12,16 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kubetune.config import ALL_LINEAR, LoraSettings, TrainConfig, to_dict
 from kubetune.errors import KubetuneError
+from kubetune.speed_plan import SpeedPlan, agree_across_ranks, init_distributed, plan_speed
 from kubetune.storage import atomic_dir
 
 ADAPTER_METADATA_FILE = "kubetune_adapter.json"
 MetricsSink = Callable[[dict[str, float], int], None]
-LEAN_BATCH_TOKENS = 8192  # 7.5 GiB peak for a 7B model on an H100 (benchmarks/RESULTS.md)
-
-# Bytes of saved activations per token per decoder layer without checkpointing, in units of hidden and
-# intermediate size (bf16, LoRA on all linear layers, Liger norms/SwiGLU). Calibrated on an H100 with the 7B
-# shape: 8,192 packed tokens peaked at 43.7 GiB, i.e. about 162 KB per token and layer; this gives 171 KB.
-_ACT_HIDDEN_FACTOR = 16
-_ACT_INTERMEDIATE_FACTOR = 6
-
-
-@dataclass
-class SpeedPlan:
-    """How a run uses the hardware; decided by :func:`plan_speed`."""
-
-    attention: str
-    gradient_checkpointing: bool
-    batch_tokens: int
-    per_device_batch: int
-    optimizer: str
-    liger: bool
-    fused_lora: bool
-    activation_offloading: bool
-    host_embedding: bool
-    bf16: bool
-    reasons: list[str] = field(default_factory=list)
-
-
 def linear_module_names(model) -> list[str]:
     """Leaf names of the model's linear layers (4-bit ones included), the candidates for LoRA targets."""
     import torch
@@ -73,155 +49,6 @@ def check_target_modules(model, lora: LoraSettings) -> list[str] | str:
             f"use {ALL_LINEAR} or some of: {', '.join(candidates)}",
         )
     return targets
-
-
-def _activation_bytes_per_token(model_config, checkpointing: bool) -> float:
-    hidden = model_config.hidden_size
-    inter = getattr(model_config, "intermediate_size", 4 * hidden)
-    layers = model_config.num_hidden_layers
-    per_layer = _ACT_HIDDEN_FACTOR * hidden + _ACT_INTERMEDIATE_FACTOR * inter
-    if checkpointing:  # one layer input kept per layer, one layer's activations alive during recompute
-        return 2 * hidden * layers + per_layer
-    return per_layer * layers
-
-
-def plan_speed(
-    train: TrainConfig, max_length: int, model_config, *, weights_bytes: int = 0, free_bytes: int | None = None
-) -> SpeedPlan:
-    """Pick attention, checkpointing, packed batch size, optimizer and kernels for this hardware.
-
-    Called before the model is loaded: ``weights_bytes`` (the size of its weights on disk) is subtracted from
-    the free GPU memory.
-    """
-    import torch
-
-    cuda = torch.cuda.is_available()
-    reasons: list[str] = []
-    attention = train.attention
-    if attention == "auto":
-        # Packed rows hold many short samples: varlen attention costs O(sum of L^2), a masked full-row kernel
-        # O((sum of L)^2). On CUDA it is FlashAttention; on the CPU a per-sample SDPA loop.
-        attention = "kubetune_varlen" if train.packing else "sdpa"
-        reasons.append(f"attention={attention}")
-    elif attention == "varlen":
-        attention = "kubetune_varlen"
-    if attention == "kubetune_varlen" and not train.packing:
-        raise KubetuneError("attention=varlen needs packing=true", "enable packing or choose attention=sdpa")
-    bf16 = (not cuda) or torch.cuda.is_bf16_supported()
-
-    liger = False
-    if train.fused_kernels and cuda:
-        try:
-            import liger_kernel  # noqa: F401
-
-            liger = True
-        except ImportError:
-            reasons.append("fused kernels off: liger-kernel is not installed (pip install kubetune[fast])")
-
-    offloading = False
-    if train.lean:
-        checkpointing = train.gradient_checkpointing != "off"
-        # Checkpointed layer inputs go to pinned CPU memory, so a larger packed batch fits in a few GiB.
-        offloading = cuda and checkpointing
-        batch_tokens = train.batch_tokens or (LEAN_BATCH_TOKENS if cuda else 2 * max_length)
-        optimizer = "adamw_8bit" if train.optimizer == "auto" and cuda else train.optimizer
-        if optimizer == "auto":
-            optimizer = "adamw_torch"
-        reasons.append(
-            "lean mode: checkpointing with CPU offload of checkpoints, input embedding in host memory, 8-bit optimizer"
-        )
-    else:
-        optimizer = train.optimizer
-        if optimizer == "auto":
-            optimizer = "adamw_torch_fused" if cuda else "adamw_torch"
-        if cuda:
-            if free_bytes is None:
-                free_bytes = torch.cuda.mem_get_info()[0]
-            # Leave room for allocator fragmentation, LoRA weights, optimizer state and dequantized weights.
-            budget = 0.85 * (free_bytes - weights_bytes) - 2.0 * 2**30
-            no_ckpt = _activation_bytes_per_token(model_config, checkpointing=False)
-            fits = int(budget // no_ckpt)
-            if train.gradient_checkpointing == "on":
-                checkpointing = True
-            elif train.gradient_checkpointing == "off":
-                checkpointing = False
-            else:
-                checkpointing = fits < max_length
-                reasons.append(
-                    f"checkpointing {'on' if checkpointing else 'off'}: {free_bytes / 2**30:.1f} GiB free holds "
-                    f"{max(fits, 0)} tokens of activations without it"
-                )
-            if train.batch_tokens:
-                batch_tokens = train.batch_tokens
-            else:
-                per_token = _activation_bytes_per_token(model_config, checkpointing)
-                batch_tokens = max(max_length, min(int(budget // per_token), 16 * max_length, 32768))
-                reasons.append(f"batch_tokens={batch_tokens} sized from free GPU memory")
-        else:
-            checkpointing = train.gradient_checkpointing == "on"
-            batch_tokens = train.batch_tokens or 8 * max_length
-    # Packed rows hold up to max_length tokens each (unpacked rows are padded to it): rows per micro-batch.
-    per_device_batch = max(1, batch_tokens // max_length)
-    return SpeedPlan(
-        attention=attention,
-        gradient_checkpointing=checkpointing,
-        batch_tokens=per_device_batch * max_length,
-        per_device_batch=per_device_batch,
-        optimizer=optimizer,
-        liger=liger,
-        fused_lora=train.fused_kernels,
-        activation_offloading=offloading,
-        host_embedding=train.lean and cuda,
-        bf16=bf16,
-        reasons=reasons,
-    )
-
-
-def init_distributed(world: int) -> str | None:
-    """Under torchrun (``world`` > 1): bind this rank to its GPU (``LOCAL_RANK``) and join the process group (NCCL
-    on CUDA, gloo on the CPU) before the plan is made, so free memory is read on this rank's own GPU and the ranks
-    can agree on one plan. Returns the backend, or None for a single process."""
-    if world <= 1:
-        return None
-    from datetime import timedelta
-
-    import torch
-    import torch.distributed as dist
-
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():  # the trainer (accelerate) then uses this group
-        dist.init_process_group(
-            backend, timeout=timedelta(minutes=30),
-            **({"device_id": torch.device("cuda", torch.cuda.current_device())} if cuda else {}),
-        )
-    return backend
-
-
-def agree_across_ranks(plan: SpeedPlan) -> SpeedPlan:
-    """One plan for every rank: DDP needs the same number of batches per rank, so all take the smallest packed
-    batch any rank's free memory allows, and checkpointing if any rank needs it (a smaller batch with
-    checkpointing fits wherever the larger one without it did)."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return plan
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    values = torch.tensor([-plan.per_device_batch, int(plan.gradient_checkpointing)], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    per_device_batch, checkpointing = -int(values[0]), bool(values[1])
-    if (per_device_batch, checkpointing) != (plan.per_device_batch, plan.gradient_checkpointing):
-        plan.reasons.append(
-            f"{dist.get_world_size()} ranks agreed on per_device_batch={per_device_batch}, checkpointing "
-            f"{'on' if checkpointing else 'off'} (rank {dist.get_rank()} alone planned {plan.per_device_batch}, "
-            f"{'on' if plan.gradient_checkpointing else 'off'})"
-        )
-        plan.batch_tokens = plan.batch_tokens // plan.per_device_batch * per_device_batch
-        plan.per_device_batch, plan.gradient_checkpointing = per_device_batch, checkpointing
-    return plan
 
 
 def _state_step(checkpoint: Path) -> int:
@@ -282,64 +109,14 @@ def _step_callback(sink: MetricsSink | None, started: list[float]):
     return StepMetrics()
 
 
-@dataclass
-class TrainResult:
-    adapter_dir: str
-    metrics: dict[str, float]
-    plan: SpeedPlan
-    resumed_from_step: int
-    history: list[dict[str, float]]
-
-
-def train_lora(
-    model_dir: str,
-    train_path: str,
-    adapter_dir: str,
-    *,
-    lora: LoraSettings,
-    train: TrainConfig,
-    max_length: int,
-    checkpoint_dir: str,
-    metrics_sink: MetricsSink | None = None,
-    extra_callbacks: list | None = None,
-) -> TrainResult:
-    """Train a LoRA adapter on the prepared dataset and save it (safetensors) with the tokenizer.
-
-    Checkpoints go to ``checkpoint_dir``; when a complete checkpoint is there, training resumes from it.
-    The adapter directory appears only once it is complete.
-    """
+def sft_args(train: TrainConfig, plan: SpeedPlan, *, max_length: int, checkpoint_dir: str, world: int = 1,
+             backend: str | None = None):
+    """TRL's SFTConfig for these settings and speed plan: completion-only loss on BFD-packed, padding-free
+    batches; checkpoints every ``save_steps`` into ``checkpoint_dir``; no reporting (kubetune logs to MLflow)."""
     import torch
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    from kubetune import attention as varlen
-    from kubetune.data import load_prepared
-    from kubetune.fused_lora import fuse_lora_layers
-    from kubetune.host_embedding import embed_on_host
-    from kubetune.modeling import load_model, load_tokenizer, read_model_metadata
-
-    lora.validate()
-    train.validate()
-    model_meta = read_model_metadata(model_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code=train.trust_remote_code)
-
-    from transformers import AutoConfig
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    backend = init_distributed(world)
-    weights_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
-    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)
-    plan = agree_across_ranks(plan_speed(train, max_length, model_config, weights_bytes=weights_bytes))
-    if plan.attention == varlen.NAME:
-        varlen.register()
-    model = load_model(model_dir, attention=plan.attention, trust_remote_code=train.trust_remote_code)
-    model.config.use_cache = False
-    if plan.host_embedding:
-        embed_on_host(model)
-    targets = check_target_modules(model, lora)
-    dataset = load_prepared(train_path).select_columns(["input_ids", "completion_mask"])
-
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=checkpoint_dir,
         max_length=max_length,
         packing=train.packing,
@@ -377,14 +154,72 @@ def train_lora(
         use_cpu=backend == "gloo",  # accelerate runs CPU ranks as DDP only when told it is on the CPU
         disable_tqdm=True,
     )
-    peft_config = LoraConfig(
-        r=lora.lora_r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+
+
+def peft_config(lora: LoraSettings, targets: list[str] | str):
+    """PEFT's LoraConfig for a causal LM; ``targets`` as :func:`check_target_modules` resolved them."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=lora.lora_r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    metrics: dict[str, float]
+    plan: SpeedPlan
+    resumed_from_step: int
+    history: list[dict[str, float]]
+
+
+def train_lora(
+    model_dir: str,
+    train_path: str,
+    adapter_dir: str,
+    *,
+    lora: LoraSettings,
+    train: TrainConfig,
+    max_length: int,
+    checkpoint_dir: str,
+    metrics_sink: MetricsSink | None = None,
+    extra_callbacks: list | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on the prepared dataset and save it (safetensors) with the tokenizer.
+
+    Checkpoints go to ``checkpoint_dir``; when a complete checkpoint is there, training resumes from it.
+    The adapter directory appears only once it is complete.
+    """
+    import torch
+    from transformers import AutoConfig
+    from trl import SFTTrainer
+
+    from kubetune import attention as varlen
+    from kubetune.data import load_prepared
+    from kubetune.fused_lora import fuse_lora_layers
+    from kubetune.host_embedding import embed_on_host
+    from kubetune.modeling import load_model, load_tokenizer, read_model_metadata
+
+    lora.validate()
+    train.validate()
+    model_meta = read_model_metadata(model_dir)
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=train.trust_remote_code)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    backend = init_distributed(world)
+    weights_bytes = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    model_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=train.trust_remote_code)
+    plan = agree_across_ranks(plan_speed(train, max_length, model_config, weights_bytes=weights_bytes))
+    if plan.attention == varlen.NAME:
+        varlen.register()
+    model = load_model(model_dir, attention=plan.attention, trust_remote_code=train.trust_remote_code)
+    model.config.use_cache = False
+    if plan.host_embedding:
+        embed_on_host(model)
+    targets = check_target_modules(model, lora)
+    dataset = load_prepared(train_path).select_columns(["input_ids", "completion_mask"])
+
+    args = sft_args(train, plan, max_length=max_length, checkpoint_dir=checkpoint_dir, world=world, backend=backend)
+    peft = peft_config(lora, targets)
     started = [time.time()]
     step_metrics = _step_callback(metrics_sink, started)
     # Rank 0 tokenizes and packs first; the other ranks then read its datasets cache instead of racing to write it.
@@ -394,7 +229,7 @@ def train_lora(
             args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            peft_config=peft_config,
+            peft_config=peft,
             callbacks=[step_metrics, *(extra_callbacks or [])],
         )
     if plan.fused_lora:

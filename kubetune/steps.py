@@ -1,31 +1,37 @@
 """The four pipeline steps as plain functions over paths and settings.
 
 KFP components, the ``kubetune`` step commands (for plain Argo) and tests all call these, so there is one
-implementation of each step. Cacheable steps (prepare, quantize) put what they learn in their outputs'
-metadata; the tracked steps (train, evaluate) copy it into the pipeline run's one MLflow run.
+implementation of each step, and one definition of the metadata each writes beside its outputs. Cacheable steps
+(prepare, quantize) put what they learn in their outputs' metadata; the tracked steps (train, evaluate) copy it
+into the pipeline run's one MLflow run.
+
+SFT takes a :class:`TrainJob`; on several GPUs it serialises itself for the torchrun ranks, each of which runs
+``python -m kubetune.steps WORK_DIR`` (see :mod:`kubetune.distributed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import sys
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from kubetune import __version__
-from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig, to_dict
+from kubetune import __version__, distributed
+from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig, from_dict, to_dict
+from kubetune.errors import KubetuneError
+from kubetune.prompts import build_prompt
+from kubetune.secrets import without_credentials
+from kubetune.storage import file_sha256
 from kubetune.tracking import (
     DATASET_HASH_TAG,
     KFP_RUN_ID_TAG,
     KFP_RUN_NAME_TAG,
-    NO_REGISTRATION,
     PIPELINE_VERSION_TAG,
     Tracker,
-    default_model_name,
-    file_sha256,
-    resolve_tracking_uri,
-    without_credentials,
+    Tracking,
 )
 
 log = logging.getLogger("kubetune")
@@ -33,8 +39,6 @@ log = logging.getLogger("kubetune")
 
 def parse_columns(columns: str) -> dict[str, str]:
     """``"instruction=question,output=answer"`` → DataConfig column fields."""
-    from kubetune.errors import KubetuneError
-
     mapping: dict[str, str] = {}
     valid = ("instruction", "input", "output", "messages", "prompt", "completion")
     for item in filter(None, (part.strip() for part in columns.split(","))):
@@ -61,6 +65,22 @@ def checkpoint_location(checkpoint_dir: str, checkpoint_root: str, kfp_run_id: s
     if checkpoint_root and kfp_run_id:
         return f"{checkpoint_root.rstrip('/')}/{kfp_run_id}"
     return adapter_path.rstrip("/") + ".checkpoints"
+
+
+def prepared_max_length(data_metadata: dict[str, Any], override: int = 0) -> int:
+    """The sample length training uses: the one prep cut the data to (its metadata), unless overridden."""
+    return override or int(float(data_metadata.get("max_length", DataConfig().max_length)))
+
+
+def adapter_metadata(result: dict[str, Any], model_metadata: dict[str, Any], experiment: str) -> dict[str, Any]:
+    """What the adapter output carries for evaluation and the UI: its MLflow run and store, its base model."""
+    return {**{k: result[k] for k in ("mlflow_run_id", "mlflow_run_url", "tracking_uri")},
+            "base_model": model_metadata.get("source", ""), "mlflow_experiment": experiment}
+
+
+def report_metadata(result: dict[str, Any]) -> dict[str, Any]:
+    """What the report output carries: the MLflow run it was logged to."""
+    return {k: result[k] for k in ("mlflow_run_id", "mlflow_run_url")}
 
 
 def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str, *, revision: str = "",
@@ -91,42 +111,6 @@ def quantize(base_model: str, output_dir: str, quant: QuantConfig, *, revision: 
     return quantize_model(base_model, output_dir, quant, revision=revision or None, trust_remote_code=trust_remote_code)
 
 
-@dataclass
-class Tracking:
-    """Where and under which names a step logs to MLflow."""
-
-    tracking_uri: str = ""
-    experiment: str = "kubetune"
-    run_id: str = ""
-    kfp_run_id: str = ""
-    kfp_run_name: str = ""
-    registered_model: str = ""  # empty: <experiment>-adapter; "none": do not register
-
-    @classmethod
-    def of_adapter(
-        cls, adapter_metadata: dict[str, Any], tracking_uri: str, experiment: str, kfp_run_id: str, kfp_run_name: str
-    ) -> Tracking:
-        """Evaluation logs into the training's MLflow run, which the adapter's metadata names with its store;
-        a given tracking URI takes precedence over that store."""
-        return cls(tracking_uri or adapter_metadata.get("tracking_uri", ""), experiment,
-                   adapter_metadata.get("mlflow_run_id", ""), kfp_run_id, kfp_run_name)
-
-    def tracker(self) -> Tracker:
-        return Tracker(resolve_tracking_uri(self.tracking_uri), self.experiment or "kubetune", run_id=self.run_id)
-
-    def open_kwargs(self) -> dict[str, Any]:
-        return {
-            "run_name": self.kfp_run_name,
-            "kfp_run_id": self.kfp_run_id,
-            "tags": {KFP_RUN_NAME_TAG: self.kfp_run_name, PIPELINE_VERSION_TAG: __version__},
-        }
-
-    def model_name(self) -> str:
-        if self.registered_model.strip().lower() == NO_REGISTRATION:
-            return ""
-        return self.registered_model.strip() or default_model_name(self.experiment)
-
-
 def _adapter_tags(model_metadata: dict[str, Any], data_metadata: dict[str, Any], dataset_sha256: str,
                   lora: LoraSettings, tracking: Tracking) -> dict[str, Any]:
     """What a registered adapter needs to be found and loaded again: its base model, quantization, data."""
@@ -149,27 +133,73 @@ def _adapter_tags(model_metadata: dict[str, Any], data_metadata: dict[str, Any],
     }
 
 
-def train(model_dir: str, train_path: str, adapter_dir: str, *, lora: LoraSettings, train_config: TrainConfig,
-          max_length: int, checkpoint_dir: str, tracking: Tracking, model_metadata: dict[str, Any] | None = None,
-          data_metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """LoRA SFT, logged to MLflow: params, per-step metrics, system metrics (CPU, memory, GPU with nvidia-ml-py)
-    during training, the adapter, and the adapter registered as a new model version.
+@dataclass
+class TrainJob:
+    """Everything the SFT step needs: the inputs, the settings and where to track. Serialises itself, so the
+    torchrun ranks of a multi-GPU run rebuild exactly the same job."""
+
+    model_dir: str
+    train_path: str
+    adapter_dir: str
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    max_length: int = DataConfig().max_length
+    checkpoint_dir: str = ""
+    tracking: Tracking = field(default_factory=Tracking)
+    model_metadata: dict[str, Any] = field(default_factory=dict)
+    data_metadata: dict[str, Any] = field(default_factory=dict)
+    nproc: int = 1
+    """Data-parallel processes, one per GPU (0 = every visible GPU); ignored under torchrun."""
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainJob:
+        values = json.loads(text)
+        nested = {"lora": LoraSettings, "train": TrainConfig, "tracking": Tracking}
+        return cls(**{**values, **{name: from_dict(kind, values[name]) for name, kind in nested.items()}})
+
+
+def train(job: TrainJob) -> dict[str, Any]:
+    """LoRA SFT on ``job.nproc`` GPUs: in this process for one, else through torchrun (only rank 0's result is
+    returned); already under torchrun, as this process's rank."""
+    if distributed.under_torchrun():
+        result = train_here(job)
+        distributed.destroy_process_group()
+        return result
+    nproc = distributed.resolve_nproc(job.nproc)
+    if distributed.runs_in_process(nproc):
+        return train_here(job)
+    # Every rank builds an MLflow client; a local sqlite store would be created (schema migrations) by all of them
+    # at once and fail. Create it here, once, before the ranks start.
+    job.tracking.tracker()
+    return distributed.launch(job.to_json(), nproc, __name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A torchrun rank of :func:`train`: ``python -m kubetune.steps WORK_DIR``."""
+    return distributed.worker_main(sys.argv[1:] if argv is None else argv,
+                                   lambda text: train_here(TrainJob.from_json(text)), __name__)
+
+
+def train_here(job: TrainJob) -> dict[str, Any]:
+    """LoRA SFT in this process, logged to MLflow: params, per-step metrics, system metrics (CPU, memory, GPU
+    with nvidia-ml-py) during training, the adapter, and the adapter registered as a new model version.
 
     Returns metrics plus ``mlflow_run_id``/``mlflow_run_url``/``tracking_uri``/``tracking_report`` and
     ``registered_model``/``registered_model_version`` ("" when not registered).
     """
-    import os
-
     import torch
 
     from kubetune.sft import train_lora
 
-    is_rank_zero = int(os.environ.get("RANK", "0")) == 0
+    lora, train_config, tracking, max_length = job.lora, job.train, job.tracking, job.max_length
+    is_rank_zero = distributed.is_rank_zero()
     # Only rank 0 talks to MLflow: several ranks opening one sqlite store at once race on its schema.
     tracker = tracking.tracker() if is_rank_zero else None
-    model_metadata = model_metadata or {}
-    data_metadata = data_metadata or {}
-    dataset_sha256 = file_sha256(train_path) if is_rank_zero else ""
+    model_metadata, data_metadata = job.model_metadata, job.data_metadata
+    dataset_sha256 = file_sha256(job.train_path) if is_rank_zero else ""
     if is_rank_zero:
         tracker.try_open(**tracking.open_kwargs())
         tracker.log_params(
@@ -197,13 +227,13 @@ def train(model_dir: str, train_path: str, adapter_dir: str, *, lora: LoraSettin
     try:
         with tracker.system_metrics() if is_rank_zero else nullcontext():
             result = train_lora(
-                model_dir,
-                train_path,
-                adapter_dir,
+                job.model_dir,
+                job.train_path,
+                job.adapter_dir,
                 lora=lora,
                 train=train_config,
                 max_length=max_length,
-                checkpoint_dir=checkpoint_dir,
+                checkpoint_dir=job.checkpoint_dir,
                 metrics_sink=_step_sink(tracker) if is_rank_zero else None,
             )
     except BaseException:
@@ -216,7 +246,7 @@ def train(model_dir: str, train_path: str, adapter_dir: str, *, lora: LoraSettin
              "registered_model_version"), "")}
     tracker.log_params({"speed": {k: v for k, v in to_dict(result.plan).items()}})
     tracker.log_metrics(result.metrics, prefix="sft.")
-    tracker.log_artifact(adapter_dir, "adapter")
+    tracker.log_artifact(job.adapter_dir, "adapter")
     model_name = tracking.model_name()
     if model_name:
         tracker.register_model(
@@ -259,14 +289,16 @@ _LOAD_HINT = (
 
 
 def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str, config: EvalConfig, *,
-             tracking: Tracking, prompt_style: str = "expert", persona: str = "",
+             tracking: Tracking, data_metadata: dict[str, Any] | None = None,
              trust_remote_code: bool = False) -> dict[str, Any]:
     """Base vs tuned evaluation with the HTML report, logged to the same MLflow run as training: eval metrics,
-    the answers table, the report, and plots (loss curve, base vs tuned metrics) under ``plots/``."""
-    from kubetune.data import build_prompt
+    the answers table, the report, and plots (loss curve, base vs tuned metrics) under ``plots/``. Probe
+    questions are asked in the prompt style and persona prep recorded in ``data_metadata``."""
     from kubetune.evaluate import evaluate_adapter
     from kubetune.modeling import load_tokenizer
 
+    data_metadata = data_metadata or {}
+    prompt_style, persona = data_metadata.get("prompt_style", "expert"), data_metadata.get("persona", "")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     probes = [
         (question, build_prompt(question, "", prompt_style=prompt_style, persona=persona, tokenizer=tokenizer))
@@ -304,7 +336,7 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
 def _log_plots(tracker: Tracker, eval_metrics: dict[str, Any]) -> None:
     """The run's loss curve (from its train.loss history) and base vs tuned eval metrics, as PNG images."""
     try:
-        from kubetune.compare import plot_base_vs_tuned, plot_loss_curves
+        from kubetune.plots import plot_base_vs_tuned, plot_loss_curves
     except ImportError as exc:  # matplotlib missing: the numbers are logged, the pictures are not
         log.warning("plots not logged: %s", exc)
         return
@@ -315,3 +347,7 @@ def _log_plots(tracker: Tracker, eval_metrics: dict[str, Any]) -> None:
     figure = plot_base_vs_tuned(eval_metrics)
     if figure is not None:
         tracker.log_figure(figure, "plots/eval_base_vs_tuned.png")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,7 @@
 
 Built with Hera from the compiled KFP pipeline, so the two never drift: the workflow's parameters are the KFP
 pipeline's (names, defaults, descriptions), and the DAG, each step's inputs and which step's output feeds which
-are read from the KFP spec. Each step is a container running ``python -m kubetune.stepcli <step>`` on the
+are read from the KFP spec. Each step is a container running ``python -m kubetune.cli <step>`` on the
 kubetune images, with placement (resources, GPUs, node selector, tolerations, /dev/shm, timeouts) from the same
 profiles as the KFP pipeline. Steps pass data through a volume mounted at ``/workspace``: an existing claim
 (``--pvc``) or one created per workflow from a volumeClaimTemplate, which Argo deletes when the workflow
@@ -12,17 +12,37 @@ its checkpoints.
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kubetune.containers.images import resolve_images, version_tag
+from kubetune.pipelines.finetune import (
+    GCS_KEY_DIR,
+    GPU_NODE_SELECTOR,
+    SECRET_KEYS,
+    PipelineOptions,
+    make_pipeline,
+)
+from kubetune.pipelines.kfp_spec import (
+    StepSpec,
+    parameter_value,
+    pipeline_parameters,
+    pipeline_steps,
+    spec_dict,
+)
+from kubetune.pipelines.step_table import Step
+
+from kubetune import __version__
 from kubetune.errors import KubetuneError, collect
 from kubetune.modeling import REQUIRE_GPU_ENV
+from kubetune.storage import atomic_file
+
+if TYPE_CHECKING:
+    from hera.workflows import Workflow
 
 WORKSPACE = "/workspace"
 RUN_DIR = f"{WORKSPACE}/runs/{{{{workflow.name}}}}"
@@ -34,19 +54,10 @@ TTL_AFTER_SUCCESS_S = 7 * 24 * 3600
 TTL_AFTER_FAILURE_S = 14 * 24 * 3600
 # Retry crashes, OOM kills and lost nodes; not a user error (exit 2: kubetune's clear errors and bad flags).
 RETRY_EXPRESSION = 'lastRetry.status == "Error" || asInt(lastRetry.exitCode) != 2'
-# The run-time GPU node selector (a JSON object parameter of the KFP pipeline). As in KFP it replaces the
-# profile's selector of the GPU steps; Argo applies it as a pod spec patch.
-GPU_NODE_SELECTOR_PARAMETER = "gpu_node_selector"
 
-STEP_COMMANDS = {"prepare-dataset": "prep", "quantize-model": "quantize", "train-lora": "train",
-                 "evaluate-model": "evaluate"}
-# KFP run placeholders → Argo variables.
-RUNTIME_VALUES = {"{{$.pipeline_job_uuid}}": "{{workflow.uid}}", "{{$.pipeline_job_name}}": "{{workflow.name}}"}
 # File names on the volume follow the artifact type; a Model is a directory.
 EXTENSIONS = {"system.Dataset": ".parquet", "system.Metrics": ".json", "system.Markdown": ".md",
               "system.HTML": ".html"}
-# With --artifacts, these outputs also go to the cluster's artifact repository (they outlive a created volume).
-RESULT_ARTIFACTS = {"train-lora": ("adapter", "metrics"), "evaluate-model": ("report", "metrics")}
 
 
 @dataclass
@@ -89,108 +100,10 @@ _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
 
 
-# -- the KFP pipeline, read -----------------------------------------------------------------------------------
-@dataclass
-class WorkflowParameter:
-    name: str
-    kfp_type: str
-    default: str | None
-    description: str = ""
-
-
-@dataclass
-class StepSpec:
-    """One KFP task as the Argo builder needs it."""
-
-    task: str  # KFP task name, e.g. train-lora
-    placement: str  # profile step name, e.g. train_lora
-    inputs: dict[str, str]  # step flag → pipeline parameter
-    constants: dict[str, str]  # step flag → literal or Argo variable
-    artifacts_in: dict[str, tuple[str, str]]  # step flag → (producer task, producer output)
-    artifacts_out: dict[str, str]  # step flag → schema title (system.Model, ...)
-    dependencies: list[str]
-    retry: dict[str, Any] | None  # KFP retryPolicy: maxRetryCount, backoffDuration, backoffFactor
-
-
-def _spec_dict(pipeline=None) -> dict[str, Any]:
-    from google.protobuf import json_format
-
-    if pipeline is None:
-        from kubetune.pipelines import finetune_pipeline as pipeline
-    return json_format.MessageToDict(pipeline.pipeline_spec)
-
-
-def parameter_value(value: Any, kfp_type: str) -> str:
-    """A pipeline parameter value as the string an Argo parameter holds (and the step commands parse)."""
-    if kfp_type == "BOOLEAN":
-        return "true" if value else "false"
-    if kfp_type == "NUMBER_INTEGER":
-        return str(int(value))
-    if kfp_type == "NUMBER_DOUBLE":
-        return repr(float(value))
-    if kfp_type in ("LIST", "STRUCT"):
-        return json.dumps(value, ensure_ascii=False)
-    return str(value)
-
-
-def pipeline_parameters(spec: dict[str, Any] | None = None, order: list[str] | None = None) -> list[WorkflowParameter]:
-    """The KFP pipeline's parameters with their defaults and descriptions, in ``order`` (the pipeline
-    signature's, which the UI then shows) where given; the compiled spec itself keeps no order."""
-    spec = spec or _spec_dict()
-    descriptions: dict[str, str] = {}
-    for task in spec["root"]["dag"]["tasks"].values():
-        component = spec["components"][task["componentRef"]["name"]]
-        declared = component.get("inputDefinitions", {}).get("parameters", {})
-        for flag, source in task.get("inputs", {}).get("parameters", {}).items():
-            if "componentInputParameter" in source and declared.get(flag, {}).get("description"):
-                descriptions.setdefault(source["componentInputParameter"], declared[flag]["description"])
-    result = []
-    definitions = spec["root"]["inputDefinitions"]["parameters"]
-    rank = {name: i for i, name in enumerate(order or sorted(definitions))}
-    for name, definition in sorted(definitions.items(), key=lambda item: (rank.get(item[0], len(rank)), item[0])):
-        kfp_type = definition["parameterType"]
-        default = parameter_value(definition["defaultValue"], kfp_type) if "defaultValue" in definition else None
-        result.append(WorkflowParameter(name, kfp_type, default, definition.get("description") or
-                                        descriptions.get(name, "")))
-    return result
-
-
-def pipeline_steps(spec: dict[str, Any] | None = None) -> list[StepSpec]:
-    """The KFP DAG's tasks: which pipeline parameters and which upstream outputs feed each step."""
-    spec = spec or _spec_dict()
-    steps = []
-    for task_name, task in spec["root"]["dag"]["tasks"].items():
-        if task_name not in STEP_COMMANDS:
-            raise ValueError(f"KFP task {task_name} has no kubetune step command")
-        component = spec["components"][task["componentRef"]["name"]]
-        inputs, constants, artifacts_in = {}, {}, {}
-        for flag, source in task.get("inputs", {}).get("parameters", {}).items():
-            if "componentInputParameter" in source:
-                inputs[flag] = source["componentInputParameter"]
-            elif "runtimeValue" in source:
-                constant = source["runtimeValue"]["constant"]
-                constants[flag] = RUNTIME_VALUES.get(constant, constant) if isinstance(constant, str) else \
-                    json.dumps(constant)
-            else:
-                raise ValueError(f"KFP task {task_name} input {flag} comes from {source}, which Argo cannot map")
-        for flag, source in task.get("inputs", {}).get("artifacts", {}).items():
-            producer = source["taskOutputArtifact"]
-            artifacts_in[flag] = (producer["producerTask"], producer["outputArtifactKey"])
-        outputs = component.get("outputDefinitions", {}).get("artifacts", {})
-        steps.append(StepSpec(
-            task=task_name, placement=task_name.replace("-", "_"), inputs=inputs, constants=constants,
-            artifacts_in=artifacts_in,
-            artifacts_out={flag: out["artifactType"]["schemaTitle"] for flag, out in outputs.items()},
-            dependencies=sorted(task.get("dependentTasks", [])),
-            retry=task.get("retryPolicy"),
-        ))
-    order = list(STEP_COMMANDS)
-    return sorted(steps, key=lambda step: order.index(step.task))
-
-
 def artifact_path(task: str, output: str, schema_title: str) -> str:
     """Where a step's output lives on the volume: ``/workspace/runs/<workflow>/<task>/<output>[.ext]``."""
     return f"{RUN_DIR}/{task}/{output}{EXTENSIONS.get(schema_title, '')}"
+
 
 
 # -- the workflow ----------------------------------------------------------------------------------------------
@@ -219,7 +132,7 @@ def _critical_path_s(steps: list[StepSpec], profile) -> int:
     """Longest path through the DAG, each step at its timeout times its attempts plus the backoff between."""
     finish: dict[str, int] = {}
     for step in steps:  # already in DAG order
-        timeout = profile.steps[step.placement].timeout_s
+        timeout = profile.steps[step.step.name].timeout_s
         if not timeout:
             return 0
         retry = step.retry or {}
@@ -229,36 +142,28 @@ def _critical_path_s(steps: list[StepSpec], profile) -> int:
     return max(finish.values())
 
 
-def _secret_env(step: str, options) -> tuple[list, list]:
+def _secret_env(step: Step, options: PipelineOptions) -> tuple[list, list]:
     """(env, volumes) for the credentials a step needs, from the same optional Secrets as the KFP pipeline."""
     from hera.workflows import Env, SecretEnv, SecretVolume
-    from kubetune.pipelines import finetune as kfp_pipeline
 
-    env: list = []
-    for secret, keys, wanted_in in (
-        (options.hub_secret, kfp_pipeline.HUB_KEYS, kfp_pipeline.HUB_STEPS),
-        (options.mlflow_secret, kfp_pipeline.MLFLOW_KEYS, kfp_pipeline.MLFLOW_STEPS),
-        (options.object_store_secret, kfp_pipeline.OBJECT_STORE_KEYS, kfp_pipeline.OBJECT_STORE_STEPS),
-    ):
-        if secret and step in wanted_in:
-            env += [SecretEnv(name=key, secret_name=secret, secret_key=key, optional=True) for key in keys]
+    env: list = [SecretEnv(name=key, secret_name=options.secret(kind), secret_key=key, optional=True)
+                 for kind in step.secrets if options.secret(kind) for key in SECRET_KEYS[kind]]
     volumes: list = []
-    if options.gcs_secret and step in kfp_pipeline.OBJECT_STORE_STEPS:
+    if options.gcs_secret and "object_store" in step.secrets:
         volumes.append(SecretVolume(name="gcs-key", secret_name=options.gcs_secret, optional=True,
-                                    mount_path=kfp_pipeline.GCS_KEY_DIR))
-        env.append(Env(name="GOOGLE_APPLICATION_CREDENTIALS",
-                       value=f"{kfp_pipeline.GCS_KEY_DIR}/{options.gcs_key_file}"))
+                                    mount_path=GCS_KEY_DIR))
+        env.append(Env(name="GOOGLE_APPLICATION_CREDENTIALS", value=f"{GCS_KEY_DIR}/{options.gcs_key_file}"))
     return env, volumes
 
 
-def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[str, Any] | None = None):
+def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | None = None,
+                   params: dict[str, Any] | None = None) -> Workflow:
     """The Hera Workflow for these options (``kubetune.pipelines.PipelineOptions``: placement profile, images,
     Secrets, non-root uid) and ``argo`` (volume, artifacts, deadline).
 
-    ``params`` overrides parameter defaults by name (typed values, as ``kubetune.cli.parse_params`` gives).
+    ``params`` overrides parameter defaults by name (typed values).
     """
-    import dataclasses
-
+    # Hera is the optional ``argo`` extra: imported here, so the rest of kubetune works without it.
     from hera.workflows import (
         DAG,
         Artifact,
@@ -272,17 +177,13 @@ def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[s
         Workflow,
     )
     from hera.workflows import models as m
-    from kubetune.containers.images import resolve_images, version_tag
-    from kubetune.pipelines import PipelineOptions, make_pipeline
-
-    from kubetune import __version__
 
     # The KFP model-cache volume is KFP's own; here the workspace volume holds the cache and the checkpoints.
     options = dataclasses.replace(options or PipelineOptions(), cache_volume="")
     argo = argo or ArgoOptions()
     argo.validate()
     pipeline = make_pipeline(options)
-    spec = _spec_dict(pipeline)
+    spec = spec_dict(pipeline)
     parameters = pipeline_parameters(spec, list(pipeline.component_spec.inputs or {}))
     steps = pipeline_steps(spec)
     kinds = {p.name: p.kfp_type for p in parameters}
@@ -290,7 +191,7 @@ def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[s
     if unknown:
         raise KubetuneError(f"unknown pipeline parameter(s) {', '.join(unknown)}", f"use one of: {', '.join(kinds)}")
     overrides = {name: parameter_value(value, kinds[name]) for name, value in (params or {}).items()}
-    runtime_selector = GPU_NODE_SELECTOR_PARAMETER in kinds
+    runtime_selector = GPU_NODE_SELECTOR in kinds
     images = resolve_images(options.cpu_image or None, options.gpu_image or None)
     outputs = {(step.task, flag): artifact_path(step.task, flag, kind)
                for step in steps for flag, kind in step.artifacts_out.items()}
@@ -300,7 +201,7 @@ def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[s
 
     templates: dict[str, Container] = {}
     for step in steps:
-        placement = options.profile.steps[step.placement]
+        placement = options.profile.steps[step.step.name]
         resources = Resources(
             cpu_request=placement.cpu or None, cpu_limit=placement.cpu_limit or None,
             memory_request=placement.memory or None, memory_limit=placement.memory_limit or None,
@@ -310,12 +211,12 @@ def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[s
         args = [f"--{flag}={{{{inputs.parameters.{flag}}}}}" for flag in inputs]
         args += [f"--{flag}={outputs[source]}" for flag, source in step.artifacts_in.items()]
         args += [f"--{flag}={outputs[(step.task, flag)]}" for flag in step.artifacts_out]
-        secret_env, secret_volumes = _secret_env(step.placement, options)
+        secret_env, secret_volumes = _secret_env(step.step, options)
         gpu_selector_patch = runtime_selector and placement.uses_gpu
         result_artifacts = [
             Artifact(name=flag, path=outputs[(step.task, flag)],
                      archive=None if step.artifacts_out[flag] == "system.Model" else NoneArchiveStrategy())
-            for flag in RESULT_ARTIFACTS.get(step.task, ()) if argo.artifacts
+            for flag in step.step.results if argo.artifacts
         ]
         volumes = [*secret_volumes]
         if placement.shm_size:
@@ -325,7 +226,7 @@ def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[s
         templates[step.task] = Container(
             name=step.task,
             image=images.gpu if placement.uses_gpu else images.cpu,
-            command=["python", "-m", "kubetune.stepcli", STEP_COMMANDS[step.task]],
+            command=["python", "-m", "kubetune.cli", step.step.command],
             args=args,
             working_dir=WORKSPACE,
             inputs=[Parameter(name=flag) for flag in inputs],
@@ -339,7 +240,7 @@ def build_workflow(options=None, argo: ArgoOptions | None = None, params: dict[s
             resources=resources,
             node_selector=None if gpu_selector_patch else placement.node_selector or None,
             pod_spec_patch=(
-                f'{{"nodeSelector": {{{{workflow.parameters.{GPU_NODE_SELECTOR_PARAMETER}}}}}}}'
+                f'{{"nodeSelector": {{{{workflow.parameters.{GPU_NODE_SELECTOR}}}}}}}'
                 if gpu_selector_patch else None
             ),
             tolerations=[m.Toleration(**toleration) for toleration in placement.tolerations] or None,
@@ -409,9 +310,7 @@ def workflow_manifest(workflow) -> dict[str, Any]:
     return workflow.to_dict()
 
 
-def write_workflow(workflow, path: str | os.PathLike) -> str:
-    from kubetune.storage import atomic_file
-
+def write_workflow(workflow: Workflow, path: str | os.PathLike) -> str:
     with atomic_file(path) as staging:
         Path(staging).write_text(workflow.to_yaml(allow_unicode=True, width=120), encoding="utf-8")
     return str(path)
@@ -481,82 +380,3 @@ def submit_workflow(workflow, host: str, token: str = "", namespace: str = DEFAU
     return name, f"{host}/workflows/{namespace}/{name}"
 
 
-# -- command ---------------------------------------------------------------------------------------------------
-SECRET_FLAGS = {  # PipelineOptions field → help; added unless the shared placement flags already have them
-    "hub_secret": "Secret with HF_TOKEN, for prep and the model download",
-    "mlflow_secret": "Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN",
-    "object_store_secret": "Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...",
-    "gcs_secret": "Secret with a Google service-account key file",
-}
-
-
-def cmd_argo(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from kubetune.cli import parse_params, placement_options
-
-    argo = ArgoOptions(pvc=args.pvc, pvc_size=args.pvc_size, storage_class=args.storage_class,
-                       access_mode=args.pvc_access_mode, service_account=args.service_account,
-                       artifacts=args.artifacts, active_deadline_seconds=args.active_deadline_seconds)
-    argo.validate()
-    host = server_url(args.host or os.environ.get("ARGO_SERVER", ""))
-    if args.submit and not host:
-        raise KubetuneError("--submit needs the Argo Server address",
-                            "pass --host https://argo.example.com:2746 or set ARGO_SERVER")
-    options = placement_options(args)
-    options = dataclasses.replace(options, **{name: getattr(args, name) for name in SECRET_FLAGS if hasattr(args, name)})
-    workflow = build_workflow(options, argo, parse_params(args.param))
-    if args.output:
-        print(write_workflow(workflow, args.output), file=sys.stderr if args.submit else sys.stdout)
-    if not argo.pvc:
-        print("note: the volume created for the run is deleted when the workflow succeeds; adapter and report then "
-              "live in MLflow (set mlflow_tracking_uri or the MLflow secret to a tracking server)"
-              + ("" if argo.artifacts else "; add --artifacts or --pvc NAME to keep them in the cluster too"),
-              file=sys.stderr)
-    if args.submit:
-        insecure = args.insecure_skip_verify or os.environ.get("ARGO_INSECURE_SKIP_VERIFY", "").lower() == "true"
-        namespace = args.namespace or os.environ.get("ARGO_NAMESPACE", "") or DEFAULT_NAMESPACE
-        name, link = submit_workflow(workflow, host, args.token or os.environ.get("ARGO_TOKEN", ""), namespace,
-                                     verify_ssl=not insecure)
-        print(f"workflow: {name}")
-        print(f"ui:       {link}")
-    return 0
-
-
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``argo`` on a subparsers object."""
-    from kubetune.pipelines import PipelineOptions
-
-    from kubetune.cli import _add_placement_flags
-
-    parser = sub.add_parser("argo", help="write (and submit) the pipeline as a plain Argo Workflow",
-                            description=__doc__.split("\n\n")[0])
-    parser.add_argument("-o", "--output", default="kubetune-workflow.yaml",
-                        help="manifest file to write ('' = none)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                        help="pipeline parameter: the default of the workflow argument of that name")
-    _add_placement_flags(parser)
-    volume = parser.add_argument_group("volume (mounted at /workspace in every step)")
-    volume.add_argument("--pvc", default="", metavar="NAME", help="existing PersistentVolumeClaim to use")
-    volume.add_argument("--pvc-size", default="", help=f"size of the claim created per workflow ({DEFAULT_PVC_SIZE})")
-    volume.add_argument("--storage-class", default="", help="storage class of the created claim")
-    volume.add_argument("--pvc-access-mode", default="ReadWriteOnce", choices=("ReadWriteOnce", "ReadWriteMany"))
-    run = parser.add_argument_group("run")
-    defaults = PipelineOptions.__dataclass_fields__
-    for name, help_text in SECRET_FLAGS.items():
-        flag = "--" + name.replace("_", "-")
-        if flag not in parser._option_string_actions:
-            run.add_argument(flag, dest=name, default=defaults[name].default,
-                             help=f"{help_text} (optional; default: %(default)r, '' = none)")
-    run.add_argument("--service-account", default="", help="service account the step pods run as")
-    run.add_argument("--artifacts", action="store_true",
-                     help="also save adapter, report and metrics to the cluster's artifact repository")
-    run.add_argument("--active-deadline-seconds", type=int, default=0,
-                     help="deadline of the whole workflow (default: from the profile's step timeouts)")
-    submit = parser.add_argument_group("submit (Argo Server)")
-    submit.add_argument("--submit", action="store_true", help="create the workflow through the Argo Server")
-    submit.add_argument("--host", default="", help="Argo Server URL (default: ARGO_SERVER)")
-    submit.add_argument("--token", default="", help="bearer token (default: ARGO_TOKEN)")
-    submit.add_argument("--namespace", default="", help=f"namespace (default: ARGO_NAMESPACE, else {DEFAULT_NAMESPACE})")
-    submit.add_argument("--insecure-skip-verify", action="store_true", help="skip TLS verification")
-    parser.set_defaults(func=cmd_argo)

@@ -1,35 +1,31 @@
 """The kubetune fine-tuning pipeline: dataset prep → 4-bit model load → LoRA SFT → evaluation.
 
 One pipeline, built by :func:`make_pipeline` from compile-time options (placement profile, images, volume,
-secrets, security). Run-time settings are pipeline parameters, the names the Kubeflow UI shows. Everything
-Kubernetes-specific here is ignored by kfp.local, so ``kubetune run --local`` runs the same pipeline.
+secrets, security). Run-time settings are pipeline parameters, the names the Kubeflow UI shows: their names,
+types, defaults and descriptions come from the config dataclasses (:func:`kubetune.config.pipeline_settings`),
+and each step receives the parameters its component declares by the same name. Everything Kubernetes-specific
+here is ignored by kfp.local, so ``kubetune run --local`` runs the same pipeline.
 """
 
-import dataclasses
 import inspect
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
-from kfp import dsl
+from kfp import compiler, dsl, kubernetes
 from kfp.dsl import HTML, Model
-from kubetune.components import evaluate_model, prepare_dataset, quantize_model, train_lora
 from kubetune.pipelines.placement import Profile, apply_placement, gpu_node_selector_default, load_profile
+from kubetune.pipelines.step_table import STEPS, Step
 
-from kubetune.config import (
-    DEFAULT_PERSONA,
-    SAMPLE_DATASET,
-    DataConfig,
-    EvalConfig,
-    LoraSettings,
-    QuantConfig,
-    TrainConfig,
-)
-from kubetune.errors import KubetuneError, collect
+from kubetune.config import pipeline_settings
+from kubetune.errors import collect
 
 PIPELINE_NAME = "kubetune-finetune"
-DEFAULT_BASE_MODEL = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"
-DEFAULT_PROBES = ["久咳不愈怎么治疗？", "How should a persistent cough be treated in Traditional Chinese Medicine?"]
+GPU_NODE_SELECTOR = "gpu_node_selector"
+GPU_NODE_SELECTOR_HELP = (
+    "Node selector of the GPU steps (SFT, evaluation), e.g. "
+    '{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; replaces the compiled default; {} = any GPU node.'
+)
 
 CACHE_MOUNT = "/cache"
 """Where the model-cache volume is mounted (the images' HF_HOME and Triton cache live under it)."""
@@ -38,21 +34,23 @@ CHECKPOINT_ROOT = f"{CACHE_MOUNT}/checkpoints"
 GCS_KEY_DIR = "/var/secrets/gcs"
 CREATE = "create"
 
-# Each Secret's keys become environment variables of the same name; a missing Secret or key is skipped.
-HUB_KEYS = ("HF_TOKEN",)
-MLFLOW_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-OBJECT_STORE_KEYS = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
-    "MLFLOW_S3_ENDPOINT_URL",
-)
-# Which steps need which credentials: the hub for downloads (prep reads the tokenizer and hub datasets), MLflow
-# for the tracked steps, the object store for s3:// / gs:// datasets and MLflow's artifact store.
-HUB_STEPS = ("prepare_dataset", "quantize_model")
-MLFLOW_STEPS = ("train_lora", "evaluate_model")
-OBJECT_STORE_STEPS = ("prepare_dataset", "train_lora", "evaluate_model")
-CACHE_STEPS = ("quantize_model", "train_lora", "evaluate_model")
+# Each Secret's keys become environment variables of the same name; a missing Secret or key is skipped. Which
+# steps get which Secret is the step table's ``secrets``.
+SECRET_KEYS: dict[str, tuple[str, ...]] = {
+    "hub": ("HF_TOKEN",),
+    "mlflow": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"),
+    "object_store": (
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
+        "MLFLOW_S3_ENDPOINT_URL",
+    ),
+}
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _option(default, help_text: str, **kwargs):
+    """A compile-time option with the help text its command-line flag shows."""
+    return field(default=default, metadata={"help": help_text, **kwargs})
 
 
 @dataclass
@@ -62,30 +60,27 @@ class PipelineOptions:
     profile: Profile = field(default_factory=load_profile)
     cpu_image: str = ""
     gpu_image: str = ""
-    retries: int = 2
+    cache_volume: str = _option(
+        "", "model cache PVC at /cache (HF_HOME, checkpoints): an existing claim, or 'create' for one per run, "
+        "deleted at the end", metavar="CLAIM|create")
+    cache_volume_size: str = _option("200Gi", "size of a created cache volume")
+    cache_volume_storage_class: str = _option("", "storage class of a created cache volume")
+    cache_volume_access_mode: str = _option("ReadWriteOnce", "access mode of a created cache volume",
+                                            choices=("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"))
+    hub_secret: str = _option("kubetune-hub", "Secret with HF_TOKEN ('' = none)")
+    mlflow_secret: str = _option(
+        "kubetune-mlflow", "Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN ('' = none)")
+    object_store_secret: str = _option(
+        "kubetune-object-store", "Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL ('' = none)")
+    gcs_secret: str = _option("", "Secret with a GCP service-account key.json ('' = none)")
+    gcs_key_file: str = "key.json"
+    runtime_gpu_node_selector: bool = True
+    """Add the ``gpu_node_selector`` pipeline parameter (default: the profile's GPU selector)."""
+    run_as_user: Optional[int] = _option(1000, "non-root uid of every step")  # noqa: UP045 - read at runtime
+    retries: int = _option(2, "retries of SFT and evaluation, with backoff")
     """Retries of the GPU steps (SFT resumes from its last checkpoint), with exponential backoff."""
     retry_backoff: str = "60s"
     cache_prep_and_model: bool = True
-    runtime_gpu_node_selector: bool = True
-    """Add the ``gpu_node_selector`` pipeline parameter (default: the profile's GPU selector)."""
-    cache_volume: str = ""
-    """Model cache PVC mounted at /cache in the model steps: an existing claim name, "create" (made at the start,
-    deleted at the end of each run), or "" for none."""
-    cache_volume_size: str = "200Gi"
-    cache_volume_storage_class: str = ""
-    cache_volume_access_mode: str = "ReadWriteOnce"
-    hub_secret: str = "kubetune-hub"
-    """Secret with HF_TOKEN (optional: a missing Secret is skipped). "" = none."""
-    mlflow_secret: str = "kubetune-mlflow"
-    """Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN. "" = none."""
-    object_store_secret: str = "kubetune-object-store"
-    """Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ... "" = none."""
-    gcs_secret: str = ""
-    """Secret with a Google service-account key file (key ``gcs_key_file``), mounted and named by
-    GOOGLE_APPLICATION_CREDENTIALS. "" = none."""
-    gcs_key_file: str = "key.json"
-    run_as_user: Optional[int] = 1000  # noqa: UP045 - read at runtime on Python 3.10 too
-    """Non-root uid of every step (the images' user); None leaves the security context to the cluster."""
 
     def validate(self) -> None:
         problems: list[tuple[str, str]] = []
@@ -103,16 +98,23 @@ class PipelineOptions:
         if self.cache_volume_access_mode not in ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"):
             problems.append((f"cache_volume_access_mode {self.cache_volume_access_mode!r} is not writable",
                              "use ReadWriteOnce (steps run one after another) or ReadWriteMany"))
-        for name in ("hub_secret", "mlflow_secret", "object_store_secret", "gcs_secret"):
-            value = getattr(self, name)
+        for kind in SECRET_KEYS:
+            value = self.secret(kind)
             if value and not _DNS_SUBDOMAIN.match(value):
-                problems.append((f"{name} {value!r} is not a Kubernetes Secret name",
+                problems.append((f"{kind}_secret {value!r} is not a Kubernetes Secret name",
                                  "use a lower-case name such as kubetune-hub, or '' for none"))
+        if self.gcs_secret and not _DNS_SUBDOMAIN.match(self.gcs_secret):
+            problems.append((f"gcs_secret {self.gcs_secret!r} is not a Kubernetes Secret name",
+                             "use a lower-case name such as kubetune-gcs, or '' for none"))
         if self.retries < 0:
             problems.append((f"retries={self.retries} is negative", "use 0 for no retries"))
         if self.run_as_user is not None and self.run_as_user <= 0:
             problems.append((f"run_as_user={self.run_as_user} is root", "use a non-root uid such as 1000"))
         collect(problems)
+
+    def secret(self, kind: str) -> str:
+        """The Secret name of a kind in :data:`SECRET_KEYS` ("" = none)."""
+        return getattr(self, f"{kind}_secret")
 
 
 class PipelineOutputs(NamedTuple):
@@ -120,132 +122,59 @@ class PipelineOutputs(NamedTuple):
     report: HTML
 
 
-def _config_help(*classes: type) -> dict[str, str]:
-    return {f.name: f.metadata["help"] for cls in classes for f in dataclasses.fields(cls) if "help" in f.metadata}
+def _docstring(descriptions: dict[str, str]) -> str:
+    """A Google-style docstring whose Args section KFP turns into the parameter descriptions of the UI."""
+    args = "\n".join(f"    {name}: {text}" for name, text in descriptions.items())
+    return f"QLoRA fine-tuning pipeline.\n\nArgs:\n{args}\n"
 
 
-# Descriptions of the pipeline parameters, shown by the Kubeflow UI. The config dataclasses hold most of them.
-PARAMETER_HELP: dict[str, str] = {
-    **_config_help(EvalConfig, TrainConfig, LoraSettings, QuantConfig, DataConfig),
-    "base_model": "Base model: a local directory (e.g. on the cache volume, /cache/...) or a hub id.",
-    "model_revision": "Hub revision (branch, tag or commit) of base_model; empty for the default branch.",
-    "columns": "Explicit column mapping, e.g. instruction=question,output=answer (empty = detect).",
-    "persona": "The expert persona placed at the top of every prompt.",
-    "seed": "Seed for sampling, the train/eval split and training.",
-    "checkpoint_dir": "Where SFT checkpoints go; a retried step resumes from the last one. Empty = "
-    "/cache/checkpoints/<run id> when a cache volume is mounted, else beside the output (lost with the pod).",
-    "mlflow_tracking_uri": "MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite store.",
-    "mlflow_experiment": "MLflow experiment name.",
-    "trust_remote_code": "Allow model and tokenizer code from the hub.",
-    "gpu_node_selector": "Node selector of the GPU steps (SFT, evaluation), e.g. "
-    '{"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}; replaces the compiled default; {} = any GPU node.',
-}
+def _step_inputs(step: Step, params: dict, constants: dict) -> dict:
+    """The inputs of a step's component that the pipeline feeds: pipeline parameters and constants by name."""
+    declared = step.component.component_spec.inputs or {}
+    return {name: value for name, value in {**params, **constants}.items() if name in declared}
 
 
 def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - kfp reads annotations at runtime
     """Build the pipeline function for these options (compile it, or call it under kfp.local)."""
     options = options or PipelineOptions()
     options.validate()
-    steps = options.profile.steps
-    selector_default = gpu_node_selector_default(options.profile) if options.runtime_gpu_node_selector else {}
+    placements = options.profile.steps
+    train_placement = placements["train_lora"]
+    parameters = [inspect.Parameter(s.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=s.default,
+                                    annotation=s.type) for s in pipeline_settings()]
+    descriptions = {s.name: s.help for s in pipeline_settings()}
+    if options.runtime_gpu_node_selector:
+        parameters.append(inspect.Parameter(GPU_NODE_SELECTOR, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                            default=gpu_node_selector_default(options.profile), annotation=dict))
+        descriptions[GPU_NODE_SELECTOR] = GPU_NODE_SELECTOR_HELP
+    constants = {
+        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        "checkpoint_root": CHECKPOINT_ROOT if options.cache_volume else "",
+        # one process per GPU: the accelerator count sets both the pod's GPU request and the DDP world size
+        "num_gpus": max(train_placement.accelerator_count, 1) if train_placement.uses_gpu else 1,
+    }
 
-    def finetune(
-        dataset: str = SAMPLE_DATASET,
-        base_model: str = DEFAULT_BASE_MODEL,
-        model_revision: str = "",
-        dataset_format: str = "auto",
-        columns: str = "",
-        prompt_style: str = "expert",
-        persona: str = DEFAULT_PERSONA,
-        max_length: int = 2048,
-        length_policy: str = "truncate",
-        max_samples: int = 0,
-        eval_fraction: float = 0.1,
-        max_eval_samples: int = 200,
-        quantization: str = "nf4",
-        double_quant: bool = True,
-        lora_r: int = 16,
-        lora_alpha: int = 32,
-        lora_dropout: float = 0.0,
-        target_modules: str = "all-linear",
-        learning_rate: float = 2e-4,
-        lr_scheduler: str = "cosine",
-        warmup_ratio: float = 0.03,
-        num_epochs: float = 1.0,
-        max_steps: int = 0,
-        batch_tokens: int = 0,
-        gradient_accumulation: int = 1,
-        lean: bool = False,
-        save_steps: int = 50,
-        checkpoint_dir: str = "",
-        seed: int = 42,
-        probe_questions: list = DEFAULT_PROBES,
-        max_new_tokens: int = 256,
-        max_generation_samples: int = 32,
-        mlflow_tracking_uri: str = "",
-        mlflow_experiment: str = "kubetune",
-        trust_remote_code: bool = False,
-        gpu_node_selector: dict = selector_default,  # last: removed from the signature when not wanted
-    ) -> PipelineOutputs:
-        prep = prepare_dataset(
-            dataset=dataset, base_model=base_model, model_revision=model_revision, dataset_format=dataset_format,
-            columns=columns, prompt_style=prompt_style, persona=persona, max_length=max_length,
-            length_policy=length_policy, max_samples=max_samples, eval_fraction=eval_fraction,
-            max_eval_samples=max_eval_samples, seed=seed, trust_remote_code=trust_remote_code,
-        ).set_display_name("Prepare dataset")
-        load = quantize_model(
-            base_model=base_model, model_revision=model_revision, quantization=quantization,
-            double_quant=double_quant, trust_remote_code=trust_remote_code,
-        ).set_display_name("Load model in 4-bit")
-        sft = train_lora(
-            model=load.outputs["model"], train_data=prep.outputs["train_data"], lora_r=lora_r,
-            lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-            learning_rate=learning_rate, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio,
-            num_epochs=num_epochs, max_steps=max_steps, batch_tokens=batch_tokens,
-            gradient_accumulation=gradient_accumulation, lean=lean, save_steps=save_steps, seed=seed,
-            checkpoint_dir=checkpoint_dir, checkpoint_root=CHECKPOINT_ROOT if options.cache_volume else "",
-            mlflow_tracking_uri=mlflow_tracking_uri, mlflow_experiment=mlflow_experiment,
-            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-            # one process per GPU: the accelerator count sets both the pod's GPU request and the DDP world size
-            num_gpus=max(steps["train_lora"].accelerator_count, 1) if steps["train_lora"].uses_gpu else 1,
-            trust_remote_code=trust_remote_code,
-        ).set_display_name("LoRA SFT")
-        evaluation = evaluate_model(
-            model=load.outputs["model"], adapter=sft.outputs["adapter"], eval_data=prep.outputs["eval_data"],
-            probe_questions=probe_questions, max_new_tokens=max_new_tokens,
-            max_generation_samples=max_generation_samples, mlflow_tracking_uri=mlflow_tracking_uri,
-            mlflow_experiment=mlflow_experiment, kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            kfp_run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, trust_remote_code=trust_remote_code,
-        ).set_display_name("Evaluate base vs tuned")
-
-        tasks = {"prepare_dataset": prep, "quantize_model": load, "train_lora": sft, "evaluate_model": evaluation}
-        for name, task in tasks.items():
-            apply_placement(task, steps[name],
-                            gpu_node_selector=gpu_node_selector if options.runtime_gpu_node_selector else None)
-            image = options.gpu_image if steps[name].uses_gpu else options.cpu_image
-            if image:
-                task.set_container_image(image)
-            _use_secrets(task, name, options)
-            if options.run_as_user is not None:
-                _run_as_non_root(task, options.run_as_user)
-        for task in (prep, load):
-            task.set_caching_options(options.cache_prep_and_model)
-        for task in (sft, evaluation):
-            # A new MLflow run per pipeline run: the tracked steps are never served from the cache.
-            task.set_caching_options(False)
-            if options.retries:
-                task.set_retry(num_retries=options.retries, backoff_duration=options.retry_backoff,
-                               backoff_factor=2.0, backoff_max_duration="3600s")
+    def finetune(*values) -> PipelineOutputs:
+        params = dict(zip([p.name for p in parameters], values, strict=True))
+        selector = params.pop(GPU_NODE_SELECTOR, None)
+        outputs: dict[str, dict] = {}  # step → its outputs, which feed later steps' inputs of the same name
+        tasks = {}
+        for step in STEPS:
+            artifacts = {name: source[name] for source in outputs.values() for name in source
+                         if name in (step.component.component_spec.inputs or {})}
+            task = step.component(**_step_inputs(step, params, constants), **artifacts)
+            task.set_display_name(step.display_name)
+            _place(task, step, options, selector)
+            outputs[step.name] = {name: task.outputs[name] for name in step.component.component_spec.outputs or {}}
+            tasks[step.name] = task
         if options.cache_volume:
-            _mount_cache_volume([tasks[name] for name in CACHE_STEPS], list(tasks.values()), options)
-        return PipelineOutputs(adapter=sft.outputs["adapter"], report=evaluation.outputs["report"])
+            _mount_cache_volume([tasks[s.name] for s in STEPS if s.cache_volume], list(tasks.values()), options)
+        return PipelineOutputs(adapter=tasks["train_lora"].outputs["adapter"],
+                               report=tasks["evaluate_model"].outputs["report"])
 
-    signature = inspect.signature(finetune)
-    parameters = list(signature.parameters.values())
-    if not options.runtime_gpu_node_selector:
-        parameters = [p for p in parameters if p.name != "gpu_node_selector"]
-        finetune.__signature__ = signature.replace(parameters=parameters)
-    finetune.__doc__ = _docstring([p.name for p in parameters])
+    finetune.__signature__ = inspect.Signature(parameters, return_annotation=PipelineOutputs)
+    finetune.__doc__ = _docstring(descriptions)
     return dsl.pipeline(
         name=PIPELINE_NAME,
         description="QLoRA fine-tuning: dataset prep (CPU) → 4-bit model load (CPU) → LoRA SFT (GPU) → "
@@ -253,35 +182,33 @@ def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - k
     )(finetune)
 
 
-def _docstring(names: list[str]) -> str:
-    """A Google-style docstring whose Args section KFP turns into the parameter descriptions of the UI."""
-    missing = [name for name in names if name not in PARAMETER_HELP]
-    if missing:  # a new parameter without a description: caught by the compile tests
-        raise KubetuneError(f"pipeline parameters without a description: {missing}", "add them to PARAMETER_HELP")
-    args = "\n".join(f"    {name}: {' '.join(PARAMETER_HELP[name].split())}" for name in names)
-    return f"QLoRA fine-tuning pipeline.\n\nArgs:\n{args}\n"
+def _place(task, step: Step, options: PipelineOptions, gpu_node_selector) -> None:
+    """Placement, image, Secrets, security, caching and retries of one step's task."""
+    placement = options.profile.steps[step.name]
+    apply_placement(task, placement, gpu_node_selector=gpu_node_selector)
+    image = options.gpu_image if placement.uses_gpu else options.cpu_image
+    if image:
+        task.set_container_image(image)
+    _use_secrets(task, step, options)
+    if options.run_as_user is not None:
+        kubernetes.set_security_context(task, run_as_user=options.run_as_user, run_as_group=options.run_as_user,
+                                        run_as_non_root=True)
+    # A new MLflow run per pipeline run: the tracked steps are never served from the cache.
+    task.set_caching_options(step.cached and options.cache_prep_and_model)
+    if not step.cached and options.retries:
+        task.set_retry(num_retries=options.retries, backoff_duration=options.retry_backoff,
+                       backoff_factor=2.0, backoff_max_duration="3600s")
 
 
-def _use_secrets(task, step: str, options: PipelineOptions) -> None:
+def _use_secrets(task, step: Step, options: PipelineOptions) -> None:
     """Credentials from Kubernetes Secrets, each optional, never pipeline parameters (the UI shows those)."""
-    from kfp import kubernetes
-
-    for secret, keys, wanted_in in (
-        (options.hub_secret, HUB_KEYS, HUB_STEPS),
-        (options.mlflow_secret, MLFLOW_KEYS, MLFLOW_STEPS),
-        (options.object_store_secret, OBJECT_STORE_KEYS, OBJECT_STORE_STEPS),
-    ):
-        if secret and step in wanted_in:
-            kubernetes.use_secret_as_env(task, secret, {key: key for key in keys}, optional=True)
-    if options.gcs_secret and step in OBJECT_STORE_STEPS:
+    for kind in step.secrets:
+        if options.secret(kind):
+            kubernetes.use_secret_as_env(task, options.secret(kind), {key: key for key in SECRET_KEYS[kind]},
+                                         optional=True)
+    if options.gcs_secret and "object_store" in step.secrets:
         kubernetes.use_secret_as_volume(task, options.gcs_secret, mount_path=GCS_KEY_DIR, optional=True)
         task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/{options.gcs_key_file}")
-
-
-def _run_as_non_root(task, uid: int) -> None:
-    from kfp import kubernetes
-
-    kubernetes.set_security_context(task, run_as_user=uid, run_as_group=uid, run_as_non_root=True)
 
 
 def _mount_cache_volume(model_tasks: list, all_tasks: list, options: PipelineOptions) -> None:
@@ -290,8 +217,6 @@ def _mount_cache_volume(model_tasks: list, all_tasks: list, options: PipelineOpt
     "create": a claim named after the run id (the only name both CreatePVC and a DeletePVC without data
     dependencies can know), deleted once every step has finished, failed or not. An existing claim is kept.
     """
-    from kfp import kubernetes
-
     if options.cache_volume == CREATE:
         created = kubernetes.CreatePVC(
             pvc_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
@@ -319,7 +244,5 @@ finetune_pipeline = make_pipeline()
 
 def compile_pipeline(output_path: str, options: Optional[PipelineOptions] = None) -> str:  # noqa: UP045
     """Compile to KFP IR YAML (what the Kubeflow UI uploads)."""
-    from kfp import compiler
-
     compiler.Compiler().compile(make_pipeline(options), package_path=output_path)
     return output_path

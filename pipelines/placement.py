@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from kubetune.errors import KubetuneError
+from kfp import kubernetes
+from kubetune.pipelines.step_table import GPU_STEPS, STEP_NAMES
 
-STEPS = ("prepare_dataset", "quantize_model", "train_lora", "evaluate_model")
-GPU_STEPS = ("train_lora", "evaluate_model")
+from kubetune.errors import KubetuneError
+from kubetune.modeling import REQUIRE_GPU_ANNOTATION, REQUIRE_GPU_ENV
 
 
 @dataclass
@@ -61,7 +62,7 @@ def load_profile(name: str = "default") -> Profile:
         raise KubetuneError(f"placement profile {name!r} is unknown", f"use one of: {', '.join(sorted(raw))}")
     known = {f.name for f in dataclasses.fields(StepPlacement)}
     steps: dict[str, StepPlacement] = {}
-    for step in STEPS:
+    for step in STEP_NAMES:
         values = raw[name]["steps"].get(step, {})
         unknown = set(values) - known
         if unknown:
@@ -111,8 +112,6 @@ def apply_placement(task, placement: StepPlacement, *, gpu_node_selector=None):
     ignored), so with the parameter the static selector is not written here: it is the parameter's default
     (see :func:`gpu_node_selector_default`) and the Kubeflow UI shows it.
     """
-    from kfp import kubernetes
-
     if placement.cpu:
         task.set_cpu_request(placement.cpu)
     if placement.memory:
@@ -123,8 +122,6 @@ def apply_placement(task, placement: StepPlacement, *, gpu_node_selector=None):
         task.set_memory_limit(placement.memory_limit)
     runtime_selector = placement.uses_gpu and gpu_node_selector is not None
     if placement.uses_gpu:
-        from kubetune.modeling import REQUIRE_GPU_ANNOTATION, REQUIRE_GPU_ENV
-
         task.set_accelerator_type(placement.accelerator)
         task.set_accelerator_limit(placement.accelerator_count)
         # The step stops with a clear error when its pod got no usable GPU. Through the pod's annotation rather

@@ -121,7 +121,7 @@ def mlflow_server(tmp_path_factory) -> MlflowServer:
 def pipeline_runs(mlflow_server, tmp_path_factory) -> PipelineRuns:
     """The local pipeline run twice (lora_r 8, then 4) against the server, with secrets planted in the
     environment and in the persona parameter. Both runs share one workdir, hence one tiny base model."""
-    from kubetune.cli import run_local
+    from kubetune.cli.run import run_local
 
     workdir = tmp_path_factory.mktemp("pipeline-runs")
     runs = PipelineRuns(mlflow_server, EXPERIMENT, workdir)

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from kubetune.pipelines import PipelineOptions, compile_pipeline, finetune_pipeline
-from kubetune.pipelines.argo import ArgoOptions, add_parser, build_workflow, workflow_manifest
+from kubetune.pipelines.argo import ArgoOptions, build_workflow, workflow_manifest
 from kubetune.pipelines.placement import load_profile, profile_names
 
+from kubetune.cli.argo import add_parser
 from kubetune.errors import KubetuneError
 
 WORKFLOW = "io.argoproj.workflow.v1alpha1.Workflow"
@@ -119,7 +120,7 @@ def test_workflow_header(manifests):
     for name in STEPS:
         container = _templates(manifest)[name]["container"]
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
-        assert container["command"][:3] == ["python", "-m", "kubetune.stepcli"]
+        assert container["command"][:3] == ["python", "-m", "kubetune.cli"]
 
 
 def test_dag_order(manifests):
@@ -277,7 +278,7 @@ def _render(text: str, values: dict[str, str]) -> str:
 
 def test_step_commands_parse_with_the_step_cli(manifests):
     """Every flag the workflow passes exists in the step CLI and its default value parses."""
-    from kubetune.stepcli import build_parser
+    from kubetune.cli.steps import build_parser
 
     manifest = manifests["h100"]
     defaults = {f"workflow.parameters.{p['name']}": p["value"] for p in manifest["spec"]["arguments"]["parameters"]}

@@ -9,17 +9,17 @@ import json
 
 import pytest
 
+from kubetune.cli.compare import add_parser
 from kubetune.compare import (
     DEFAULT_METRIC,
     RunRow,
-    add_parser,
     compare_runs,
     default_mode,
     differing_params,
-    plot_base_vs_tuned,
     write_plots,
 )
 from kubetune.errors import KubetuneError
+from kubetune.plots import plot_base_vs_tuned
 from kubetune.tracking import default_model_name
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

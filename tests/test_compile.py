@@ -17,32 +17,26 @@ from kfp.kubernetes import kubernetes_executor_config_pb2 as k8s_pb
 from kfp.pipeline_spec import pipeline_spec_pb2
 from kubetune.containers.images import resolve_images, version_tag
 from kubetune.pipelines import PipelineOptions, compile_pipeline
-from kubetune.pipelines.finetune import (
-    CHECKPOINT_ROOT,
-    HF_HOME,
-    HUB_KEYS,
-    MLFLOW_KEYS,
-    OBJECT_STORE_KEYS,
-    PARAMETER_HELP,
-)
-from kubetune.pipelines.placement import GPU_STEPS, STEPS, load_profile, override, profile_names
+from kubetune.pipelines.finetune import CHECKPOINT_ROOT, GPU_NODE_SELECTOR_HELP, HF_HOME, SECRET_KEYS
+from kubetune.pipelines.placement import load_profile, override, profile_names
+from kubetune.pipelines.step_table import GPU_STEPS, STEP_NAMES
 
 import kubetune
-from kubetune.component_yaml import (
-    COMPONENTS,
+from kubetune.cli.component_yaml import (
     default_directory,
     stale_component_yamls,
     without_sdk_version,
     yaml_documents,
 )
+from kubetune.config import settings
 from kubetune.errors import KubetuneError
-from kubetune.tracking import SECRET_NAME
+from kubetune.secrets import SECRET_NAME
 
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE_GOLDEN = os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1"
 PROFILES = profile_names()
-CPU_STEPS = tuple(step for step in STEPS if step not in GPU_STEPS)
-TASKS = {step: step.replace("_", "-") for step in STEPS}  # KFP task names
+CPU_STEPS = tuple(step for step in STEP_NAMES if step not in GPU_STEPS)
+TASKS = {step: step.replace("_", "-") for step in STEP_NAMES}  # KFP task names
 IMAGES = resolve_images(env={})
 
 
@@ -237,9 +231,9 @@ def test_security_context_left_to_the_cluster(tmp_path):
 # -- secrets -----------------------------------------------------------------------------------------------------
 def test_secrets_as_optional_env(tmp_path):
     compiled = compile_with(tmp_path, options())
-    hub = {key: ("kubetune-hub", True) for key in HUB_KEYS}
-    mlflow = {key: ("kubetune-mlflow", True) for key in MLFLOW_KEYS}
-    store = {key: ("kubetune-object-store", True) for key in OBJECT_STORE_KEYS}
+    hub = {key: ("kubetune-hub", True) for key in SECRET_KEYS["hub"]}
+    mlflow = {key: ("kubetune-mlflow", True) for key in SECRET_KEYS["mlflow"]}
+    store = {key: ("kubetune-object-store", True) for key in SECRET_KEYS["object_store"]}
     assert compiled.secret_env("prepare-dataset") == {**hub, **store}
     assert compiled.secret_env("quantize-model") == hub
     assert compiled.secret_env("train-lora") == {**mlflow, **store}
@@ -332,8 +326,10 @@ def test_parameters_typed_with_defaults_and_descriptions(tmp_path):
     enum = pipeline_spec_pb2.ParameterType.ParameterTypeEnum
     parameters = compiled.parameters()
     assert len(parameters) >= 30
+    descriptions = {name: setting.help for name, setting in settings().items()}
+    descriptions["gpu_node_selector"] = GPU_NODE_SELECTOR_HELP
     for name, definition in parameters.items():
-        assert definition.description == " ".join(PARAMETER_HELP[name].split()), name
+        assert definition.description == descriptions[name], name
         assert definition.is_optional and definition.HasField("default_value"), f"{name} has no default"
     assert parameters["lora_r"].parameter_type == enum.NUMBER_INTEGER
     assert parameters["learning_rate"].parameter_type == enum.NUMBER_DOUBLE
@@ -374,10 +370,10 @@ def test_cli_compile_takes_placement_flags(tmp_path):
 
 # -- component YAML files ----------------------------------------------------------------------------------------
 def test_shipped_component_yamls_are_up_to_date():
-    assert not stale_component_yamls(), "run `python -m kubetune.component_yaml` and commit components/yaml/"
+    assert not stale_component_yamls(), "run `python -m kubetune.cli.component_yaml` and commit components/yaml/"
 
 
-@pytest.mark.parametrize("name", COMPONENTS)
+@pytest.mark.parametrize("name", STEP_NAMES)
 def test_component_yaml_keeps_interface_and_descriptions(name):
     import kubetune.components as python_components
 
@@ -414,7 +410,7 @@ def test_component_yaml_keeps_interface_and_descriptions(name):
 def test_users_pipeline_from_component_yamls_alone(tmp_path):
     """What a user outside this repo does: load the four YAML files and wire their own pipeline."""
     loaded = {name: components.load_component_from_file(str(default_directory() / f"{name}.yaml"))
-              for name in COMPONENTS}
+              for name in STEP_NAMES}
 
     @dsl.pipeline(name="my-tcm-finetune")
     def my_pipeline(dataset: str = "s3://bucket/tcm.jsonl", base_model: str = "/models/qwen2-7b"):

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from kubetune import distributed
+from kubetune import distributed, steps
 from kubetune.config import LoraSettings, TrainConfig
 from kubetune.errors import KubetuneError
-from kubetune.steps import Tracking
+from kubetune.steps import TrainJob
+from kubetune.tracking import Tracking
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +21,14 @@ def prepared(prepare_sample):
 
 
 def _train(model_dir: str, train_path: str, root: Path, *, max_steps: int) -> dict:
-    return distributed.train(
+    return steps.train(TrainJob(
         model_dir, train_path, str(root / "adapter"), nproc=2,
         lora=LoraSettings(lora_r=4, lora_alpha=8),
-        train_config=TrainConfig(learning_rate=5e-3, max_steps=max_steps, save_steps=2, batch_tokens=512),
+        train=TrainConfig(learning_rate=5e-3, max_steps=max_steps, save_steps=2, batch_tokens=512),
         max_length=256, checkpoint_dir=str(root / "ckpt"),
         tracking=Tracking(f"sqlite:///{root / 'mlflow.db'}", "ddp", registered_model="none"),
         model_metadata={"source": model_dir, "quant_quantization": "nf4"}, data_metadata={"max_length": 256},
-    )
+    ))
 
 
 @pytest.mark.slow
@@ -85,18 +86,27 @@ def test_one_failing_rank_fails_the_launch_with_its_error_and_stops_the_others(t
 
 def test_one_process_runs_in_this_process(monkeypatch):
     calls = []
-    monkeypatch.setattr("kubetune.steps.train", lambda *args, **kwargs: calls.append((args, kwargs)) or {"ok": 1})
+    job = TrainJob("model", "train.parquet", "adapter", nproc=1, max_length=8)
+    monkeypatch.setattr(steps, "train_here", lambda job: calls.append(job) or {"ok": 1})
     monkeypatch.setattr(distributed, "run_torchrun", lambda *a, **k: pytest.fail("nproc=1 must not launch torchrun"))
-    assert distributed.train("model", "train.parquet", "adapter", nproc=1, max_length=8) == {"ok": 1}
-    assert calls == [(("model", "train.parquet", "adapter"), {"max_length": 8})]
+    assert steps.train(job) == {"ok": 1}
+    assert calls == [job]
 
 
 def test_under_torchrun_the_step_runs_as_its_rank(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("kubetune.steps.train", lambda *args, **kwargs: {"rank": 1})
+    monkeypatch.setattr(steps, "train_here", lambda job: {"rank": 1})
     monkeypatch.setattr(distributed, "run_torchrun", lambda *a, **k: pytest.fail("torchrun inside torchrun"))
-    assert distributed.train("model", "train.parquet", "adapter", nproc=4) == {"rank": 1}
+    assert steps.train(TrainJob("model", "train.parquet", "adapter", nproc=4)) == {"rank": 1}
+
+
+def test_a_train_job_serialises_itself_for_the_ranks():
+    job = TrainJob("model", "train.parquet", "adapter", lora=LoraSettings(lora_r=8, target_modules="q_proj,v_proj"),
+                   train=TrainConfig(learning_rate=1e-3, lean=True), max_length=512, checkpoint_dir="ckpt",
+                   tracking=Tracking("sqlite:///x.db", "exp", "run", "kfp-id", "kfp-name"),
+                   model_metadata={"source": "m"}, data_metadata={"max_length": 512, "persona": "医师"}, nproc=2)
+    assert TrainJob.from_json(job.to_json()) == job
 
 
 def test_process_count_follows_the_visible_gpus(monkeypatch):
@@ -114,7 +124,7 @@ def test_process_count_follows_the_visible_gpus(monkeypatch):
 
 
 def test_torchrun_command_and_environment():
-    command = distributed.torchrun_command(2, ["-m", "kubetune.distributed", "/tmp/work"])
+    command = distributed.torchrun_command(2, ["-m", "kubetune.steps", "/tmp/work"])
     assert command[1:3] == ["-m", "torch.distributed.run"]
     assert {"--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0"} <= set(command)
     assert command[-3:] == ["-m", "kubetune.distributed", "/tmp/work"]
@@ -135,11 +145,11 @@ def test_a_killed_worker_is_reported(tmp_path):
 
 def test_worker_entry_refuses_to_run_outside_torchrun(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert distributed.main(["/tmp/work"]) == 2
+    assert steps.main(["/tmp/work"]) == 2
 
 
 def test_step_command_takes_the_process_count():
-    from kubetune.stepcli import build_parser
+    from kubetune.cli.steps import build_parser
 
     common = ["train", "--model=m", "--train_data=t", "--adapter=a"]
     parser = build_parser()
@@ -151,13 +161,13 @@ def test_step_command_takes_the_process_count():
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_train_command_launches_and_only_rank_zero_writes(rank, tmp_path, monkeypatch, capsys):
-    from kubetune.stepcli import main
+    from kubetune.cli.steps import main
 
     (tmp_path / "model").mkdir()
     (tmp_path / "train.parquet").write_text("")
     calls = []
     result = {"mlflow_run_id": "r", "mlflow_run_url": "", "tracking_uri": "", "tracking_report": "", "global_step": 3}
-    monkeypatch.setattr("kubetune.distributed.train", lambda *a, **k: calls.append(k["nproc"]) or result)
+    monkeypatch.setattr(steps, "train", lambda job: calls.append(job.nproc) or result)
     monkeypatch.setenv("RANK", rank)  # as under torchrun (e.g. a TrainJob's entrypoint)
     assert main(["train", f"--model={tmp_path / 'model'}", f"--train_data={tmp_path / 'train.parquet'}",
                  f"--adapter={tmp_path / 'adapter'}", "--max_length=256", "--nproc=2"]) == 0

@@ -11,14 +11,8 @@ import torch
 
 from kubetune.config import EvalConfig
 from kubetune.errors import KubetuneError
-from kubetune.evaluate import (
-    EvalResult,
-    completion_loss,
-    evaluate_adapter,
-    generate_answers,
-    prompt_token_ids,
-    token_batches,
-)
+from kubetune.evaluate import EvalResult, completion_loss, evaluate_adapter, token_batches
+from kubetune.generation import generate_answers, prompt_token_ids
 from kubetune.modeling import load_model, load_tokenizer
 from kubetune.report import render_report
 from kubetune.tiny import make_tiny_model

@@ -56,7 +56,7 @@ def _source(path: Path) -> str:
 def test_submission_notebook_submits_through_kubetune_submit():
     """One implementation of submission (``kubetune submit``'s), no kfp.Client code of its own."""
     source = _source(SUBMIT)
-    assert "from kubetune.submit import submit_pipeline" in source
+    assert "from kubetune.cli.submit import submit_pipeline" in source
     assert "submit_pipeline(kfp_api, params" in source
     assert "resolve_host(KFP_HOST)" in source  # host resolution incl. in-cluster, also shared
     assert "kfp.Client" not in source and "create_run_from_pipeline" not in source
@@ -139,7 +139,7 @@ def compared(submitted, kernel_dirs) -> tuple[Executed, list[str]]:
     """A second local run into the submission notebook's store, then the comparison notebook on it."""
     from mlflow import MlflowClient
 
-    from kubetune.cli import run_local
+    from kubetune.cli.run import run_local
 
     uri = f"sqlite:///{submitted.workdir / 'mlflow.db'}"
     run_local({**SMALL, "lora_r": SECOND_LORA_R, "mlflow_tracking_uri": uri}, submitted.workdir)

@@ -10,7 +10,7 @@ import torch
 from kubetune import attention
 from kubetune.config import TrainConfig
 from kubetune.modeling import load_model
-from kubetune.sft import plan_speed
+from kubetune.speed_plan import plan_speed
 
 
 def packed_vs_alone(model, lengths: list[int], seed: int = 0) -> float:

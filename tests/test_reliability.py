@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 from mlflow_server import SERVER_START_TIMEOUT_S, _free_port, _healthy, _stop
 
+from kubetune.cli.steps import metadata_path, write_json
 from kubetune.sft import last_complete_checkpoint
-from kubetune.stepcli import metadata_path, write_json
 from kubetune.storage import is_partial
 
 MAX_LENGTH = 256
@@ -82,7 +82,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes(quantized_model_dir, prep
     adapter = tmp_path / "run" / "adapter"
     checkpoints = tmp_path / "run" / "adapter.checkpoints"  # the step's default: beside the adapter
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    argv = [sys.executable, "-m", "kubetune.stepcli", "train", f"--model={quantized_model_dir}",
+    argv = [sys.executable, "-m", "kubetune.cli", "train", f"--model={quantized_model_dir}",
             f"--train_data={prepared / 'train.parquet'}", f"--adapter={adapter}", f"--max_steps={STEPS}",
             f"--save_steps={SAVE_STEPS}", "--lora_r=4", "--learning_rate=0.005", f"--mlflow_tracking_uri={tracking}",
             "--mlflow_experiment=kill-resume", "--kfp_run_id=kill-resume-run", "--kfp_run_name=kill-resume"]
@@ -107,7 +107,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes(quantized_model_dir, prep
     assert _finished_files(tmp_path / "run") == sorted(
         str(p.relative_to(tmp_path / "run")) for p in checkpoints.rglob("*") if p.is_file())
     # ... and the evaluation step refuses to start without the adapter, with the fix.
-    from kubetune.stepcli import main as step_main
+    from kubetune.cli.steps import main as step_main
 
     with pytest.raises(SystemExit) as exit_info:
         step_main(["evaluate", f"--model={quantized_model_dir}", f"--adapter={adapter}",
@@ -266,19 +266,19 @@ def test_killed_prep_leaves_no_dataset(tmp_path):
     """Prep killed while writing its parquet files: neither file exists, and the train step says to run prep."""
     out = tmp_path / "prep"
     _run_dying(
-        "import sys\nimport kubetune.data as data\nfrom kubetune.config import DataConfig\n"
+        "import sys\nimport kubetune.data.prepare as prepare\nfrom kubetune.config import DataConfig\n"
         "from kubetune.tiny import make_tokenizer\n"
-        "real = data._write_parquet\n"
+        "real = prepare._write_parquet\n"
         "def dying(table, indices, path, chunk_rows=4096):\n"
         "    real(table, indices[:2], path, chunk_rows)\n"
         "    die()\n"
-        "data._write_parquet = dying\n"
-        "data.prepare_dataset(DataConfig(max_length=256, max_samples=40), make_tokenizer(), sys.argv[1], sys.argv[2])\n",
+        "prepare._write_parquet = dying\n"
+        "prepare.prepare_dataset(DataConfig(max_length=256, max_samples=40), make_tokenizer(), sys.argv[1], sys.argv[2])\n",
         str(out / "train.parquet"), str(out / "eval.parquet"), cwd=tmp_path)
     assert _finished_files(out) == []
     assert any(is_partial(p) for p in out.iterdir())  # bytes were written, under hidden names
 
-    from kubetune.stepcli import main as step_main
+    from kubetune.cli.steps import main as step_main
 
     with pytest.raises(SystemExit) as exit_info:
         step_main(["train", f"--model={tmp_path}", f"--train_data={out / 'train.parquet'}",
@@ -377,14 +377,15 @@ class Background:
 
 def _train(model_dir: str, prepared: Path, tmp_path: Path, uri: str, run: str) -> dict:
     from kubetune.config import LoraSettings, TrainConfig
-    from kubetune.steps import Tracking, train
+    from kubetune.steps import TrainJob, train
+    from kubetune.tracking import Tracking
 
-    return train(
+    return train(TrainJob(
         model_dir, str(prepared / "train.parquet"), str(tmp_path / "adapter"), lora=LoraSettings(lora_r=4),
-        train_config=TrainConfig(max_steps=STEPS, save_steps=SAVE_STEPS, learning_rate=5e-3), max_length=MAX_LENGTH,
+        train=TrainConfig(max_steps=STEPS, save_steps=SAVE_STEPS, learning_rate=5e-3), max_length=MAX_LENGTH,
         checkpoint_dir=str(tmp_path / "checkpoints"), tracking=Tracking(uri, "outage", "", run, run),
         data_metadata={"max_length": MAX_LENGTH, "dataset": "kubetune://tcm-demo"},
-    )
+    ))
 
 
 def _quick_mlflow_failures(monkeypatch) -> None:
@@ -442,8 +443,8 @@ def test_mlflow_down_for_good_the_steps_finish_and_report_it(quantized_model_dir
     """The server goes away during training and never comes back: training and evaluation both finish and write
     their adapter and report; each says at the end, in its result and in the log, what was not logged where."""
     from kubetune.config import EvalConfig
-    from kubetune.steps import Tracking, evaluate
-    from kubetune.tracking import Tracker
+    from kubetune.steps import evaluate
+    from kubetune.tracking import Tracker, Tracking
 
     _quick_mlflow_failures(monkeypatch)
     # The steps wait up to two minutes for a server that is coming back; this one never does.

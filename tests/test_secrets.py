@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.tracking import REDACTED, is_secret_name, secret_values
+from kubetune.secrets import REDACTED, is_secret_name, secret_values
 
 SECRETS = {
     "HF_TOKEN": "kt-hf-5ecret-0001",
@@ -67,7 +67,7 @@ def planted(monkeypatch):
 
 @pytest.mark.slow
 def test_local_run_logs_and_outputs_hold_no_secret(planted, tmp_path, capfd, caplog):
-    from kubetune.cli import run_local
+    from kubetune.cli.run import run_local
 
     rows = SAMPLE.read_text(encoding="utf-8").splitlines()[:40]
     rows.append(json.dumps({"instruction": "How do I log in?",
@@ -105,7 +105,7 @@ def test_compiled_yaml_holds_no_secret(planted, tmp_path, monkeypatch):
     import yaml
 
     from kubetune.cli import main
-    from kubetune.component_yaml import default_directory
+    from kubetune.cli.component_yaml import default_directory
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://alice:{SECRETS['MLFLOW_TRACKING_PASSWORD']}@mlflow:5000")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

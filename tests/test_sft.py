@@ -9,7 +9,8 @@ import pytest
 
 from kubetune.config import LoraSettings, TrainConfig
 from kubetune.errors import KubetuneError
-from kubetune.sft import ADAPTER_METADATA_FILE, last_complete_checkpoint, plan_speed, train_lora
+from kubetune.sft import ADAPTER_METADATA_FILE, last_complete_checkpoint, train_lora
+from kubetune.speed_plan import plan_speed
 
 
 @pytest.fixture(scope="module")

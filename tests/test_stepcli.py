@@ -19,7 +19,7 @@ def _step(*argv: str, cwd: Path, check: bool = True) -> subprocess.CompletedProc
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    done = subprocess.run([sys.executable, "-m", "kubetune.stepcli", *argv], cwd=cwd, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "kubetune.cli", *argv], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=1200)
     if check:
         assert done.returncode == 0, f"{argv[0]} failed:\n{done.stderr[-4000:]}"

@@ -14,8 +14,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from kubetune.pipelines import PipelineOptions
 from kubetune.pipelines.placement import load_profile
 
-from kubetune.errors import KubetuneError
-from kubetune.submit import (
+from kubetune.cli.submit import (
     SA_TOKEN_PATH_ENV,
     add_parser,
     resolve_host,
@@ -23,6 +22,7 @@ from kubetune.submit import (
     run_url,
     submit_pipeline,
 )
+from kubetune.errors import KubetuneError
 
 TOKEN = "test-token-0123456789"
 ENV = ("KUBETUNE_KFP_HOST", "KF_PIPELINES_ENDPOINT", "KUBETUNE_KFP_TOKEN", "KF_PIPELINES_TOKEN",

@@ -12,23 +12,20 @@ from mlflow_server import LORA_RANKS, SECRET_ENV
 
 from kubetune import __version__
 from kubetune.errors import KubetuneError
+from kubetune.secrets import REDACTED, is_secret_name, redact, secret_values
+from kubetune.storage import file_sha256
 from kubetune.tracking import (
     DATASET_HASH_TAG,
     KFP_RUN_ID_TAG,
     KFP_RUN_NAME_TAG,
     MAX_PARAM_LENGTH,
     PIPELINE_VERSION_TAG,
-    REDACTED,
     REGISTERED_MODEL_TAG,
     REGISTERED_VERSION_TAG,
     Tracker,
     default_model_name,
     download_adapter,
-    file_sha256,
     flatten_params,
-    is_secret_name,
-    redact,
-    secret_values,
     truncate,
 )
 

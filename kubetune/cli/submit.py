@@ -9,7 +9,7 @@ it. Where things come from, first match wins:
   ``KUBETUNE_KFP_TOKEN``, ``KF_PIPELINES_TOKEN``, then the projected service-account token that Kubeflow mounts
   in notebook pods (``/var/run/secrets/kubeflow/pipelines/token``, or ``KF_PIPELINES_SA_TOKEN_PATH``).
 
-Like the CLI, this module sits above the core: it imports kfp and the pipelines inside functions only.
+Like the rest of the command, this module sits above the core and the pipelines.
 """
 
 from __future__ import annotations
@@ -26,7 +26,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import kfp
+import kfp_server_api
+import urllib3
+import yaml
+
+from kubetune.cli.options import add_cluster_flags, add_placement_flags, placement_options
+from kubetune.cli.params import parse_params
 from kubetune.errors import KubetuneError
+from kubetune.pipelines import PipelineOptions, compile_pipeline
 
 HOST_ENVS = ("KUBETUNE_KFP_HOST", "KF_PIPELINES_ENDPOINT")
 TOKEN_ENVS = ("KUBETUNE_KFP_TOKEN", "KF_PIPELINES_TOKEN")
@@ -160,8 +168,6 @@ def submit_pipeline(
     :class:`KubetuneError` for an unreachable host, a missing or rejected token, unknown parameters, a missing
     namespace, or a run the server refuses.
     """
-    from kubetune.pipelines import PipelineOptions, compile_pipeline
-
     params = dict(params or {})
     host = resolve_host(host)
     token = resolve_token(token)
@@ -188,8 +194,6 @@ def _pod_namespace() -> str:
 
 
 def _check_params(package: str, params: dict[str, Any]) -> None:
-    import yaml
-
     with open(package, encoding="utf-8") as handle:
         spec = next(yaml.safe_load_all(handle))
     declared = spec["root"]["inputDefinitions"]["parameters"]
@@ -200,10 +204,6 @@ def _check_params(package: str, params: dict[str, Any]) -> None:
 
 def _create_run(host: str, token: str, package: str, params: dict[str, Any], experiment: str, run_name: str,
                 namespace: str) -> dict[str, str]:
-    import kfp
-    import kfp_server_api
-    import urllib3
-
     ui_host = os.environ.get(UI_HOST_ENV, "").strip() or host
     # kfp.Client prints its own links on stdout; keep stdout for our one JSON line.
     with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
@@ -224,53 +224,9 @@ def _create_run(host: str, token: str, package: str, params: dict[str, Any], exp
     return {"run_id": run_id, "url": run_url(ui_host, run_id), "experiment_id": experiment_id}
 
 
-# -- command line ------------------------------------------------------------------------------------------------
-def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    """Volume, secrets and security flags, shared by ``submit`` (and ``compile``, where the CLI wires them)."""
-    group = parser.add_argument_group("cluster (volume, secrets, security)")
-    group.add_argument("--cache-volume", default="", metavar="CLAIM|create",
-                       help="model cache PVC at /cache (HF_HOME, checkpoints): an existing claim, or 'create' for one "
-                       "per run, deleted at the end")
-    group.add_argument("--cache-volume-size", default="200Gi", help="size of a created cache volume")
-    group.add_argument("--cache-volume-storage-class", default="", help="storage class of a created cache volume")
-    group.add_argument("--cache-volume-access-mode", default="ReadWriteOnce",
-                       choices=["ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"])
-    group.add_argument("--hub-secret", default="kubetune-hub", help="Secret with HF_TOKEN ('' = none)")
-    group.add_argument("--mlflow-secret", default="kubetune-mlflow",
-                       help="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN ('' = none)")
-    group.add_argument("--object-store-secret", default="kubetune-object-store",
-                       help="Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL ('' = none)")
-    group.add_argument("--gcs-secret", default="", help="Secret with a GCP service-account key.json ('' = none)")
-    group.add_argument("--static-gpu-node-selector", action="store_true",
-                       help="compile the GPU node selector as fixed labels, without the gpu_node_selector parameter "
-                       "(for KFP backends without nodeSelectorJson)")
-    group.add_argument("--run-as-user", type=int, default=1000, help="non-root uid of every step")
-    group.add_argument("--no-run-as-user", action="store_true",
-                       help="leave the uid to the cluster (e.g. OpenShift's restricted SCC)")
-    group.add_argument("--retries", type=int, default=2, help="retries of SFT and evaluation, with backoff")
-
-
-def cluster_options(args: argparse.Namespace, options):
-    """Apply :func:`add_cluster_flags` values to a PipelineOptions (from ``kubetune.cli.placement_options``)."""
-    options.cache_volume = args.cache_volume.strip()
-    options.cache_volume_size = args.cache_volume_size
-    options.cache_volume_storage_class = args.cache_volume_storage_class
-    options.cache_volume_access_mode = args.cache_volume_access_mode
-    options.hub_secret = args.hub_secret
-    options.mlflow_secret = args.mlflow_secret
-    options.object_store_secret = args.object_store_secret
-    options.gcs_secret = args.gcs_secret
-    options.runtime_gpu_node_selector = not args.static_gpu_node_selector
-    options.run_as_user = None if args.no_run_as_user else args.run_as_user
-    options.retries = args.retries
-    options.validate()
-    return options
-
-
+# -- command line ---------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    from kubetune.cli import parse_params, placement_options
-
-    options = cluster_options(args, placement_options(args))
+    options = placement_options(args)
     result = submit_pipeline(
         args.host, parse_params(args.param), experiment=args.experiment, run_name=args.run_name,
         options=options, namespace=args.namespace,
@@ -282,8 +238,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """Register ``kubetune submit`` on the CLI's subparsers object."""
-    from kubetune.cli import _add_placement_flags
-
     submit = sub.add_parser(
         "submit", help="compile the pipeline and start a run on Kubeflow Pipelines",
         description="Compile (same placement flags as `compile`) and start a run through kfp.Client. The bearer "
@@ -295,6 +249,6 @@ def add_parser(sub) -> None:
     submit.add_argument("--run-name", default="", help="run name shown in the Kubeflow UI")
     submit.add_argument("--namespace", default="", help="profile namespace (multi-user Kubeflow)")
     submit.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter")
-    _add_placement_flags(submit)
+    add_placement_flags(submit)
     add_cluster_flags(submit)
     submit.set_defaults(func=cmd_submit)

@@ -7,12 +7,11 @@ Anyone can load a step into their own pipeline without installing kubetune's Pyt
 
 Regenerate them after changing a component (a test fails while they are stale)::
 
-    python -m kubetune.component_yaml            # writes components/yaml/*.yaml
-    python -m kubetune.component_yaml --check    # exit 1 if any file is stale
+    python -m kubetune.cli.component_yaml            # writes components/yaml/*.yaml
+    python -m kubetune.cli.component_yaml --check    # exit 1 if any file is stale
 
 The files always name the default images of this package version (``ghcr.io/kubetune/kubetune-*:<version>``),
-whatever ``KUBETUNE_*_IMAGE`` says in the shell that regenerates them. Like the CLI, this module imports kfp
-inside functions only.
+whatever ``KUBETUNE_*_IMAGE`` says in the shell that regenerates them.
 """
 
 from __future__ import annotations
@@ -25,8 +24,12 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-COMPONENTS = ("prepare_dataset", "quantize_model", "train_lora", "evaluate_model")
-GPU_COMPONENTS = ("train_lora", "evaluate_model")
+import yaml
+from kfp import compiler
+
+from kubetune.containers.images import resolve_images
+from kubetune.pipelines.step_table import BY_NAME, STEPS
+
 _SDK_VERSION = re.compile(r"^sdkVersion: .*$", re.M)
 
 
@@ -37,15 +40,11 @@ def default_directory() -> Path:
 
 def compile_component(name: str, path: str | Path) -> Path:
     """Compile one component to ``path`` with the package's default image for its kind."""
-    from kfp import compiler
-
-    import kubetune.components as components
-    from kubetune.containers.images import resolve_images
-
     images = resolve_images(env={})  # defaults only: the shipped files must not depend on the shell
-    component = copy.copy(getattr(components, name))
+    step = BY_NAME[name]
+    component = copy.copy(step.component)
     component.component_spec = copy.deepcopy(component.component_spec)
-    component.component_spec.implementation.container.image = images.gpu if name in GPU_COMPONENTS else images.cpu
+    component.component_spec.implementation.container.image = images.gpu if step.gpu else images.cpu
     compiler.Compiler().compile(component, package_path=str(path))
     return Path(path)
 
@@ -54,7 +53,7 @@ def write_component_yamls(directory: str | Path | None = None) -> list[Path]:
     """Compile every component to ``<directory>/<name>.yaml`` (default: :func:`default_directory`)."""
     target = Path(directory) if directory is not None else default_directory()
     target.mkdir(parents=True, exist_ok=True)
-    return [compile_component(name, target / f"{name}.yaml") for name in COMPONENTS]
+    return [compile_component(step.name, target / f"{step.name}.yaml") for step in STEPS]
 
 
 def without_sdk_version(text: str) -> str:
@@ -65,8 +64,6 @@ def without_sdk_version(text: str) -> str:
 def yaml_documents(text: str) -> list:
     """The parsed documents of a YAML text without its SDK version: equal content compares equal whatever the
     string style (importing hera, for one, changes how PyYAML writes multi-line strings)."""
-    import yaml
-
     return list(yaml.safe_load_all(without_sdk_version(text)))
 
 
@@ -84,14 +81,14 @@ def stale_component_yamls(directory: str | Path | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kubetune.component_yaml", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m kubetune.cli.component_yaml", description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default=None, help="where to write (default: the package's components/yaml)")
     parser.add_argument("--check", action="store_true", help="only report stale files; exit 1 if any")
     args = parser.parse_args(argv)
     if args.check:
         stale = stale_component_yamls(args.output_dir)
         for name in stale:
-            print(f"stale: {name} (run python -m kubetune.component_yaml)", file=sys.stderr)
+            print(f"stale: {name} (run python -m kubetune.cli.component_yaml)", file=sys.stderr)
         return 1 if stale else 0
     for path in write_component_yamls(args.output_dir):
         print(path)

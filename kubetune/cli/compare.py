@@ -1,0 +1,59 @@
+"""``kubetune compare``: print a comparison of MLflow runs as text, CSV or JSON, write its plots, and optionally put
+a registry alias such as ``champion`` on the best run's adapter version (see :mod:`kubetune.compare`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kubetune.compare import DEFAULT_METRIC, compare_runs, set_best_alias, write_plots
+from kubetune.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri
+
+
+def add_parser(sub) -> None:
+    """Register ``kubetune compare`` on an argparse subparsers object."""
+    parser = sub.add_parser(
+        "compare",
+        help="compare MLflow runs: differing params, key metrics, best run, plots, champion alias",
+        description="Compare fine-tuning runs of one or several MLflow experiments.",
+    )
+    parser.add_argument("--experiment", action="append", default=[], metavar="NAME",
+                        help=f"experiment to include (repeatable; default {DEFAULT_EXPERIMENT})")
+    parser.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./kubetune-local/mlflow.db)")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric that picks the best run ({DEFAULT_METRIC})")
+    parser.add_argument("--mode", choices=("min", "max"), default=None,
+                        help="whether lower or higher is better (default: min for losses, max for chrF/gains)")
+    parser.add_argument("--show-metric", action="append", default=[], metavar="NAME",
+                        help="extra metric column (repeatable)")
+    parser.add_argument("--format", choices=("text", "csv", "json"), default="text", help="output format")
+    parser.add_argument("--plots-dir", default="", help="write loss_curves.png and metric_by_run.png here")
+    parser.add_argument("--finished-only", action="store_true", help="leave out runs that did not finish")
+    parser.add_argument("--set-alias", default="", metavar="ALIAS",
+                        help="point this registry alias (e.g. champion) at the best run's adapter version")
+    parser.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
+    comparison = compare_runs(uri, args.experiment or [DEFAULT_EXPERIMENT], args.metric, args.mode,
+                              metrics=args.show_metric, include_unfinished=not args.finished_only)
+    if args.plots_dir:
+        write_plots(comparison, args.plots_dir)
+    if args.set_alias:
+        name, version = set_best_alias(comparison, args.set_alias)
+        print(f"alias {args.set_alias!r} -> {name} version {version} (run {comparison.best.run_id})", file=sys.stderr)
+    output = {"text": comparison.to_text, "csv": comparison.to_csv, "json": comparison.to_json}[args.format]()
+    sys.stdout.write(output if output.endswith("\n") else output + "\n")
+    return 0
+
+
+def _env_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+
+
+def _local_uri() -> str:
+    # The store `kubetune run --local` writes by default; not created here when missing.
+    return f"sqlite:///{Path('kubetune-local').resolve() / 'mlflow.db'}"

@@ -1,0 +1,59 @@
+"""The step table: every pipeline step, named once, with what each registry needs to know about it.
+
+The pipeline, the placement helper, the compiled component YAMLs, the plain Argo Workflow and the step commands
+all read this table; a step's placement defaults (resources, accelerator, node selector) live in
+``profiles.yaml`` under the same name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kubetune.components import evaluate_model, prepare_dataset, quantize_model, train_lora
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    """The component's name, the KFP task (with dashes) and the key of the step in profiles.yaml."""
+    command: str
+    """The step command, ``kubetune <command>``: the container of the plain Argo Workflow."""
+    component: object
+    """The KFP component."""
+    display_name: str
+    """The task's name on the Kubeflow run page."""
+    gpu: bool
+    """Built for the GPU image and placed on GPU nodes; the others never hold a GPU."""
+    secrets: tuple[str, ...]
+    """Which optional Secrets become its environment: hub, mlflow, object_store (see PipelineOptions)."""
+    cached: bool
+    """Served from KFP's cache while its inputs are unchanged (the tracked steps never are: one MLflow run each)."""
+    cache_volume: bool
+    """Mounts the model cache volume (HF_HOME, checkpoints) when the pipeline has one."""
+    results: tuple[str, ...] = ()
+    """Outputs the plain Argo Workflow can also keep in the cluster's artifact repository."""
+
+    @property
+    def task(self) -> str:
+        """The KFP task name: the component name with dashes."""
+        return self.name.replace("_", "-")
+
+
+STEPS: tuple[Step, ...] = (
+    Step("prepare_dataset", "prep", prepare_dataset, "Prepare dataset", gpu=False,
+         secrets=("hub", "object_store"), cached=True, cache_volume=False),
+    Step("quantize_model", "quantize", quantize_model, "Load model in 4-bit", gpu=False,
+         secrets=("hub",), cached=True, cache_volume=True),
+    Step("train_lora", "train", train_lora, "LoRA SFT", gpu=True,
+         secrets=("mlflow", "object_store"), cached=False, cache_volume=True, results=("adapter", "metrics")),
+    Step("evaluate_model", "evaluate", evaluate_model, "Evaluate base vs tuned", gpu=True,
+         secrets=("mlflow", "object_store"), cached=False, cache_volume=True, results=("report", "metrics")),
+)
+BY_NAME: dict[str, Step] = {step.name: step for step in STEPS}
+STEP_NAMES: tuple[str, ...] = tuple(BY_NAME)
+GPU_STEPS: tuple[str, ...] = tuple(step.name for step in STEPS if step.gpu)
+
+
+def by_task(task: str) -> Step:
+    """The step of a KFP task name (``train-lora``)."""
+    return BY_NAME[task.replace("-", "_")]
