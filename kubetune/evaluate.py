@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kubetune.config import EvalConfig
+from kubetune.data import load_prepared
 from kubetune.errors import KubetuneError
 from kubetune.generation import (
     cuda_available,
@@ -21,6 +22,8 @@ from kubetune.generation import (
     model_device,
     prompt_token_ids,
 )
+from kubetune.modeling import load_model, load_tokenizer
+from kubetune.report import render_report
 from kubetune.storage import atomic_file
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -56,16 +59,7 @@ def load_eval_rows(eval_path: str):
     """The prepared held-out set (a datasets.Dataset), checked for the columns evaluation needs."""
     if not Path(eval_path).exists():
         raise KubetuneError(f"eval dataset {eval_path} does not exist", "pass the eval parquet the prepare step wrote")
-    try:
-        from kubetune.data import load_prepared
-    except ImportError:  # the data module is optional for this step: the file format is plain parquet
-        load_prepared = None
-    if load_prepared is not None:
-        dataset = load_prepared(eval_path)
-    else:
-        from datasets import Dataset
-
-        dataset = Dataset.from_parquet(eval_path)
+    dataset = load_prepared(eval_path)
     missing = [c for c in EVAL_COLUMNS if c not in dataset.column_names]
     if missing:
         raise KubetuneError(
@@ -192,8 +186,6 @@ def evaluate_adapter(
     import torch
     from peft import PeftModel
 
-    from kubetune.modeling import load_model, load_tokenizer
-    from kubetune.report import render_report
 
     config.validate()
     check_adapter_dir(adapter_dir)

@@ -21,9 +21,14 @@ from typing import Any
 
 from kubetune import __version__, distributed
 from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig, from_dict, to_dict
+from kubetune.data import prepare_dataset
 from kubetune.errors import KubetuneError
+from kubetune.evaluate import evaluate_adapter
+from kubetune.modeling import load_tokenizer, quantize_model
+from kubetune.plots import plot_base_vs_tuned, plot_loss_curves
 from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
+from kubetune.sft import train_lora
 from kubetune.storage import file_sha256
 from kubetune.tracking import (
     DATASET_HASH_TAG,
@@ -86,8 +91,6 @@ def report_metadata(result: dict[str, Any]) -> dict[str, Any]:
 def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str, *, revision: str = "",
             trust_remote_code: bool = False) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Dataset prep. Returns (stats, Markdown summary, metadata for the dataset artifacts)."""
-    from kubetune.data import prepare_dataset
-    from kubetune.modeling import load_tokenizer
 
     config.validate()
     tokenizer = load_tokenizer(base_model, revision=revision or None, trust_remote_code=trust_remote_code)
@@ -106,7 +109,6 @@ def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str
 def quantize(base_model: str, output_dir: str, quant: QuantConfig, *, revision: str = "",
              trust_remote_code: bool = False) -> dict[str, Any]:
     """4-bit model load and save. Returns the model artifact's metadata."""
-    from kubetune.modeling import quantize_model
 
     return quantize_model(base_model, output_dir, quant, revision=revision or None, trust_remote_code=trust_remote_code)
 
@@ -192,7 +194,6 @@ def train_here(job: TrainJob) -> dict[str, Any]:
     """
     import torch
 
-    from kubetune.sft import train_lora
 
     lora, train_config, tracking, max_length = job.lora, job.train, job.tracking, job.max_length
     is_rank_zero = distributed.is_rank_zero()
@@ -294,8 +295,6 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
     """Base vs tuned evaluation with the HTML report, logged to the same MLflow run as training: eval metrics,
     the answers table, the report, and plots (loss curve, base vs tuned metrics) under ``plots/``. Probe
     questions are asked in the prompt style and persona prep recorded in ``data_metadata``."""
-    from kubetune.evaluate import evaluate_adapter
-    from kubetune.modeling import load_tokenizer
 
     data_metadata = data_metadata or {}
     prompt_style, persona = data_metadata.get("prompt_style", "expert"), data_metadata.get("persona", "")
@@ -335,18 +334,18 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
 
 def _log_plots(tracker: Tracker, eval_metrics: dict[str, Any]) -> None:
     """The run's loss curve (from its train.loss history) and base vs tuned eval metrics, as PNG images."""
+    tracker.flush(quiet=True)  # the loss history is read from the server
+    history = tracker.metric_history("train.loss")
     try:
-        from kubetune.plots import plot_base_vs_tuned, plot_loss_curves
+        loss_curve = plot_loss_curves({"train.loss": history}, title="Training loss") if history else None
+        base_vs_tuned = plot_base_vs_tuned(eval_metrics)
     except ImportError as exc:  # matplotlib missing: the numbers are logged, the pictures are not
         log.warning("plots not logged: %s", exc)
         return
-    tracker.flush(quiet=True)  # the loss history is read from the server
-    history = tracker.metric_history("train.loss")
-    if history:
-        tracker.log_figure(plot_loss_curves({"train.loss": history}, title="Training loss"), "plots/loss_curve.png")
-    figure = plot_base_vs_tuned(eval_metrics)
-    if figure is not None:
-        tracker.log_figure(figure, "plots/eval_base_vs_tuned.png")
+    if loss_curve is not None:
+        tracker.log_figure(loss_curve, "plots/loss_curve.png")
+    if base_vs_tuned is not None:
+        tracker.log_figure(base_vs_tuned, "plots/eval_base_vs_tuned.png")
 
 
 if __name__ == "__main__":

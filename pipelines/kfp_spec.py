@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf import json_format
+from kubetune.pipelines.finetune import finetune_pipeline
 from kubetune.pipelines.step_table import BY_NAME, STEPS, Step
 
 # KFP run placeholders → Argo variables.
@@ -38,9 +39,7 @@ class StepSpec:
     retry: dict[str, Any] | None  # KFP retryPolicy: maxRetryCount, backoffDuration, backoffFactor
 
 
-def spec_dict(pipeline=None) -> dict[str, Any]:
-    if pipeline is None:
-        from kubetune.pipelines.finetune import finetune_pipeline as pipeline
+def spec_dict(pipeline=finetune_pipeline) -> dict[str, Any]:
     return json_format.MessageToDict(pipeline.pipeline_spec)
 
 

@@ -278,7 +278,7 @@ def _render(text: str, values: dict[str, str]) -> str:
 
 def test_step_commands_parse_with_the_step_cli(manifests):
     """Every flag the workflow passes exists in the step CLI and its default value parses."""
-    from kubetune.cli.steps import build_parser
+    from kubetune.cli import build_parser
 
     manifest = manifests["h100"]
     defaults = {f"workflow.parameters.{p['name']}": p["value"] for p in manifest["spec"]["arguments"]["parameters"]}

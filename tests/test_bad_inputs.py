@@ -322,7 +322,7 @@ def test_bad_cli_parameters_exit_2_with_the_fix(argv, message, capsys, tmp_path,
 
 
 def test_bad_step_flag_exits_2(capsys):
-    from kubetune.cli.steps import main
+    from kubetune.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--model=m", "--train_data=t", "--adapter=a", "--lora_r=abc"])

@@ -127,7 +127,7 @@ def test_torchrun_command_and_environment():
     command = distributed.torchrun_command(2, ["-m", "kubetune.steps", "/tmp/work"])
     assert command[1:3] == ["-m", "torch.distributed.run"]
     assert {"--standalone", "--nnodes=1", "--nproc-per-node=2", "--max-restarts=0"} <= set(command)
-    assert command[-3:] == ["-m", "kubetune.distributed", "/tmp/work"]
+    assert command[-3:] == ["-m", "kubetune.steps", "/tmp/work"]
     env = distributed.child_env({"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "OMP_NUM_THREADS": "4",
                                  "HF_TOKEN": "x"})
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
@@ -149,7 +149,7 @@ def test_worker_entry_refuses_to_run_outside_torchrun(monkeypatch):
 
 
 def test_step_command_takes_the_process_count():
-    from kubetune.cli.steps import build_parser
+    from kubetune.cli import build_parser
 
     common = ["train", "--model=m", "--train_data=t", "--adapter=a"]
     parser = build_parser()
@@ -161,7 +161,7 @@ def test_step_command_takes_the_process_count():
 
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_train_command_launches_and_only_rank_zero_writes(rank, tmp_path, monkeypatch, capsys):
-    from kubetune.cli.steps import main
+    from kubetune.cli import main
 
     (tmp_path / "model").mkdir()
     (tmp_path / "train.parquet").write_text("")

@@ -107,7 +107,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes(quantized_model_dir, prep
     assert _finished_files(tmp_path / "run") == sorted(
         str(p.relative_to(tmp_path / "run")) for p in checkpoints.rglob("*") if p.is_file())
     # ... and the evaluation step refuses to start without the adapter, with the fix.
-    from kubetune.cli.steps import main as step_main
+    from kubetune.cli import main as step_main
 
     with pytest.raises(SystemExit) as exit_info:
         step_main(["evaluate", f"--model={quantized_model_dir}", f"--adapter={adapter}",
@@ -278,7 +278,7 @@ def test_killed_prep_leaves_no_dataset(tmp_path):
     assert _finished_files(out) == []
     assert any(is_partial(p) for p in out.iterdir())  # bytes were written, under hidden names
 
-    from kubetune.cli.steps import main as step_main
+    from kubetune.cli import main as step_main
 
     with pytest.raises(SystemExit) as exit_info:
         step_main(["train", f"--model={tmp_path}", f"--train_data={out / 'train.parquet'}",
