@@ -1,7 +1,7 @@
 """Base-vs-tuned evaluation component (GPU)."""
 
 from kfp import dsl
-from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 from kubetune.containers.images import GPU_IMAGE
 
 
@@ -12,11 +12,14 @@ def evaluate_model(
     eval_data: Input[Dataset],
     metrics: Output[Metrics],
     report: Output[HTML],
+    mlflow_store: Output[Artifact],
+    training_mlflow_store: Input[Artifact] = None,
     probe_questions: list = ["久咳不愈怎么治疗？", "How should a persistent cough be treated in Traditional Chinese Medicine?"],
     max_new_tokens: int = 256,
     max_generation_samples: int = 32,
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "kubetune",
+    mlflow_required: bool = True,
     kfp_run_id: str = "",
     kfp_run_name: str = "",
     trust_remote_code: bool = False,
@@ -29,12 +32,17 @@ def evaluate_model(
         model: The 4-bit base model from quantize_model.
         adapter: The LoRA adapter from train_lora (its metadata names the MLflow run).
         eval_data: Held-out rows from prepare_dataset.
+        training_mlflow_store: train_lora's mlflow_store: where evaluation carries on when training had no
+            tracking server.
         probe_questions: Questions asked of both models besides the held-out prompts (the side-by-side check).
         max_new_tokens: Cap on generated tokens per answer.
         max_generation_samples: Held-out prompts to generate answers for (0 = all).
         mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite
             store.
         mlflow_experiment: MLflow experiment name.
+        mlflow_required: On a cluster, stop the SFT and evaluation steps at start when they have no MLflow
+            tracking server; false keeps their records in their mlflow_store output instead, to load later
+            with `kubetune mlflow-import`.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name.
         trust_remote_code: Allow model and tokenizer code from the hub.
@@ -42,6 +50,8 @@ def evaluate_model(
     Returns:
         metrics: Base vs tuned loss, perplexity and chrF, shown on the Kubeflow run page.
         report: The HTML report with base and tuned answers side by side, shown by the Kubeflow UI.
+        mlflow_store: The MLflow store (training's and evaluation's records) when there was no tracking server,
+            else a note naming the server.
     """
     from kubetune import steps
     from kubetune.config import EvalConfig
@@ -53,8 +63,9 @@ def evaluate_model(
             model.path, adapter.path, eval_data.path, report.path,
             EvalConfig(probe_questions=[str(q) for q in probe_questions], max_new_tokens=max_new_tokens,
                        max_generation_samples=max_generation_samples),
-            tracking=Tracking.of_adapter(adapter.metadata, mlflow_tracking_uri, mlflow_experiment, kfp_run_id,
-                                         kfp_run_name),
+            tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name,
+                              required=mlflow_required, store_dir=mlflow_store.path).for_evaluation(
+                adapter.metadata, training_mlflow_store.path if training_mlflow_store else ""),
             data_metadata=dict(eval_data.metadata),
             trust_remote_code=trust_remote_code,
         )

@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Metrics, Model, Output
+from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 from kubetune.containers.images import GPU_IMAGE
 
 
@@ -13,6 +13,7 @@ def train_lora(
     train_data: Input[Dataset],
     adapter: Output[Model],
     metrics: Output[Metrics],
+    mlflow_store: Output[Artifact],
     lora_r: int = 16,
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
@@ -31,6 +32,7 @@ def train_lora(
     checkpoint_root: str = "",
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "kubetune",
+    mlflow_required: bool = True,
     kfp_run_id: str = "",
     kfp_run_name: str = "",
     num_gpus: int = 1,
@@ -68,6 +70,9 @@ def train_lora(
         mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite
             store.
         mlflow_experiment: MLflow experiment name.
+        mlflow_required: On a cluster, stop the SFT and evaluation steps at start when they have no MLflow
+            tracking server; false keeps their records in their mlflow_store output instead, to load later
+            with `kubetune mlflow-import`.
         kfp_run_id: The KFP run id, tagged on the MLflow run.
         kfp_run_name: The KFP run name, used as the MLflow run name.
         num_gpus: Data-parallel processes, one per GPU (torchrun, DDP); set it to the step's accelerator
@@ -77,6 +82,8 @@ def train_lora(
     Returns:
         adapter: The LoRA adapter (safetensors) and tokenizer; metadata holds the MLflow run id.
         metrics: Training metrics (loss, tokens/s, ...), shown on the Kubeflow run page.
+        mlflow_store: The MLflow store when there was no tracking server (mlflow_required=false), else a note
+            naming the server.
         mlflow_run_id: The MLflow run that the evaluation logs into as well.
     """
     from collections import namedtuple
@@ -99,7 +106,8 @@ def train_lora(
             ),
             max_length=steps.prepared_max_length(train_data.metadata),
             checkpoint_dir=steps.checkpoint_location(checkpoint_dir, checkpoint_root, kfp_run_id, adapter.path),
-            tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name),
+            tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name,
+                              required=mlflow_required, store_dir=mlflow_store.path),
             model_metadata=dict(model.metadata),
             data_metadata=dict(train_data.metadata),
             nproc=num_gpus,

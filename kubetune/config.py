@@ -277,6 +277,11 @@ class RunConfig:
         "MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite store.", ""
     )
     mlflow_experiment: str = _help("MLflow experiment name.", "kubetune")
+    mlflow_required: bool = _help(
+        "On a cluster, stop the SFT and evaluation steps at start when they have no MLflow tracking server; false "
+        "keeps their records in their mlflow_store output instead, to load later with `kubetune mlflow-import`.",
+        True,
+    )
     trust_remote_code: bool = _help("Allow model and tokenizer code from the hub.", False)
 
     def validate(self) -> None:
@@ -298,7 +303,7 @@ PIPELINE_PARAMETERS: tuple[str, ...] = (
     "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs",
     "max_steps", "batch_tokens", "gradient_accumulation", "lean", "save_steps", "checkpoint_dir", "seed",
     "probe_questions", "max_new_tokens", "max_generation_samples", "mlflow_tracking_uri", "mlflow_experiment",
-    "trust_remote_code",
+    "mlflow_required", "trust_remote_code",
 )
 """The pipeline parameters the Kubeflow UI shows, in its order; each is a field of one of :data:`CONFIGS`."""
 

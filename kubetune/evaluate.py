@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kubetune.config import EvalConfig
 from kubetune.data import load_prepared
@@ -40,6 +41,9 @@ class EvalResult:
     metrics: dict[str, float]
     rows: list[dict[str, str]]
     report_path: str
+    model: Any = None
+    """The evaluated model (the 4-bit base with the adapter), for logging it as an MLflow model."""
+    tokenizer: Any = None
 
 
 def check_adapter_dir(adapter_dir: str) -> None:
@@ -268,6 +272,5 @@ def evaluate_adapter(
     html_text = render_report(title, metrics, rows, meta)
     with atomic_file(report_path) as staging:
         Path(staging).write_text(html_text, encoding="utf-8")
-    del model
-    return EvalResult(metrics=metrics, rows=rows, report_path=str(report_path))
+    return EvalResult(metrics=metrics, rows=rows, report_path=str(report_path), model=model, tokenizer=tokenizer)
 

@@ -17,6 +17,7 @@ import logging
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubetune import __version__, distributed
@@ -24,7 +25,7 @@ from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, T
 from kubetune.data import prepare_dataset
 from kubetune.errors import KubetuneError
 from kubetune.evaluate import evaluate_adapter
-from kubetune.modeling import load_tokenizer, quantize_model
+from kubetune.modeling import load_tokenizer, quantize_model, read_model_metadata
 from kubetune.plots import plot_base_vs_tuned, plot_loss_curves
 from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
@@ -37,6 +38,7 @@ from kubetune.tracking import (
     PIPELINE_VERSION_TAG,
     Tracker,
     Tracking,
+    write_note,
 )
 
 log = logging.getLogger("kubetune")
@@ -186,11 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_here(job: TrainJob) -> dict[str, Any]:
-    """LoRA SFT in this process, logged to MLflow: params, per-step metrics, system metrics (CPU, memory, GPU
-    with nvidia-ml-py) during training, the adapter, and the adapter registered as a new model version.
+    """LoRA SFT in this process, logged to MLflow: params, tags naming the base model and data, per-step
+    metrics, system metrics (CPU, memory, GPU with nvidia-ml-py) during training, and the adapter files.
 
-    Returns metrics plus ``mlflow_run_id``/``mlflow_run_url``/``tracking_uri``/``tracking_report`` and
-    ``registered_model``/``registered_model_version`` ("" when not registered).
+    Returns metrics plus ``mlflow_run_id``/``mlflow_run_url``/``tracking_uri``/``tracking_report``. Evaluation
+    logs the adapter as an MLflow model and registers it.
     """
     import torch
 
@@ -212,19 +214,12 @@ def train_here(job: TrainJob) -> dict[str, Any]:
                 "model": {k: v for k, v in model_metadata.items() if k not in {"load_seconds", "output_sha256"}},
                 "lora": to_dict(lora),
                 "train": {**to_dict(train_config), "max_length": max_length},
+                # Parameters, not metrics: one value each, and the run's metrics page starts with the curves.
+                "data_stats": {k[5:]: v for k, v in data_metadata.items() if k.startswith("stat_")},
             }
         )
-        tracker.log_metrics({k[5:]: v for k, v in data_metadata.items() if k.startswith("stat_")}, prefix="data.")
-        tracker.set_tags(
-            {
-                "kubetune.base_model": model_metadata.get("source", ""),
-                "kubetune.base_model_revision": model_metadata.get("revision", ""),
-                "kubetune.quantization": model_metadata.get("quant_quantization", ""),
-                "kubetune.dataset": data_metadata.get("dataset", ""),
-                DATASET_HASH_TAG: dataset_sha256,
-                "kubetune.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-            }
-        )
+        tracker.set_tags({**_adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
+                          "kubetune.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"})
     try:
         with tracker.system_metrics() if is_rank_zero else nullcontext():
             result = train_lora(
@@ -243,30 +238,23 @@ def train_here(job: TrainJob) -> dict[str, Any]:
         raise
     if not is_rank_zero:
         return {**result.metrics, **dict.fromkeys(
-            ("mlflow_run_id", "mlflow_run_url", "tracking_uri", "tracking_report", "registered_model",
-             "registered_model_version"), "")}
+            ("mlflow_run_id", "mlflow_run_url", "tracking_uri", "tracking_report"), "")}
     tracker.log_params({"speed": {k: v for k, v in to_dict(result.plan).items()}})
     tracker.log_metrics(result.metrics, prefix="sft.")
     tracker.log_artifact(job.adapter_dir, "adapter")
-    model_name = tracking.model_name()
-    if model_name:
-        tracker.register_model(
-            model_name, "adapter", tags=_adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
-            description=_LOAD_HINT.format(uri=tracker.tracking_uri, name=model_name,
-                                          base=model_metadata.get("source", "<base model>")),
-        )
     report = tracker.finish(timeout_s=120, **tracking.open_kwargs())
+    _note_store(tracking, tracker)
     if report:
         log.error(report)
     return {
         **result.metrics,
         "mlflow_run_id": tracker.run_id,
         "mlflow_run_url": tracker.run_url,
-        # Travels in artifact metadata (Kubeflow UI, logs): never with credentials embedded in the URI.
-        "tracking_uri": without_credentials(tracker.tracking_uri),
+        # Travels in artifact metadata (Kubeflow UI, logs): never with credentials embedded in the URI, and not
+        # the path of a store in this pod's output, which evaluation receives as an artifact instead.
+        "tracking_uri": "" if tracking.uses_output_store(tracker.tracking_uri) else
+        without_credentials(tracker.tracking_uri),
         "tracking_report": report,
-        "registered_model": tracker.registered.get("name", ""),
-        "registered_model_version": tracker.registered.get("version", ""),
     }
 
 
@@ -282,18 +270,14 @@ def _step_sink(tracker: Tracker):
     return sink
 
 
-_LOAD_HINT = (
-    "LoRA adapter trained by kubetune on {base}. Load it with:\n"
-    "PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "
-    "kubetune.tracking.download_adapter('{uri}', '{name}', version=VERSION))"
-)
 
 
 def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str, config: EvalConfig, *,
              tracking: Tracking, data_metadata: dict[str, Any] | None = None,
              trust_remote_code: bool = False) -> dict[str, Any]:
     """Base vs tuned evaluation with the HTML report, logged to the same MLflow run as training: eval metrics,
-    the answers table, the report, and plots (loss curve, base vs tuned metrics) under ``plots/``. Probe
+    the answers table, the report, plots (loss curve, base vs tuned metrics) under ``plots/``, and the adapter as
+    an MLflow model with the eval metrics, registered as a new version of ``<experiment>-adapter``. Probe
     questions are asked in the prompt style and persona prep recorded in ``data_metadata``."""
 
     data_metadata = data_metadata or {}
@@ -321,7 +305,14 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
     tracker.log_table(result.rows, "eval/answers.json")
     tracker.log_artifact(report_path, "eval", name="report.html")  # KFP names the file "report"; MLflow shows .html
     _log_plots(tracker, result.metrics)
-    report = tracker.finish(status="FINISHED", timeout_s=120, **tracking.open_kwargs())
+    if tracking.model_name():
+        base_model, base_path = base_reference(read_model_metadata(model_dir))
+        tracker.log_adapter_model(
+            result.model, result.tokenizer, base_model=base_model, base_path=base_path, metrics=result.metrics,
+            name=tracking.model_name(), generation={"max_new_tokens": config.max_new_tokens, "do_sample": False},
+        )
+    report = tracker.finish(status="FINISHED", timeout_s=300, **tracking.open_kwargs())
+    _note_store(tracking, tracker)
     if report:
         log.error(report)
     return {
@@ -329,7 +320,30 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
         "mlflow_run_id": tracker.run_id,
         "mlflow_run_url": tracker.run_url,
         "tracking_report": report,
+        "registered_model": tracker.registered.get("name", ""),
+        "registered_model_version": tracker.registered.get("version", ""),
     }
+
+
+def base_reference(model_metadata: dict[str, Any]) -> tuple[str, str]:
+    """(the base model as the user named it, a local directory holding it or "") for the logged MLflow model:
+    a directory the user gave (a volume path), else the hub id and its copy in the local hub cache, if any."""
+    source = str(model_metadata.get("source", ""))
+    if source and (Path(source) / "config.json").is_file():
+        return source, str(Path(source).resolve())
+    try:
+        from huggingface_hub import snapshot_download
+
+        revision = model_metadata.get("resolved_commit") or model_metadata.get("revision") or None
+        return source, snapshot_download(source, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached here: MLflow records the hub reference instead
+        return source, ""
+
+
+def _note_store(tracking: Tracking, tracker: Tracker) -> None:
+    """A step that logged to a server says so in its ``mlflow_store`` output (which holds the store otherwise)."""
+    if tracking.store_dir and not tracking.uses_output_store(tracker.tracking_uri):
+        write_note(tracking.store_dir, tracker.tracking_uri, tracker.run_id)
 
 
 def _log_plots(tracker: Tracker, eval_metrics: dict[str, Any]) -> None:

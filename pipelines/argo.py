@@ -23,7 +23,6 @@ from kubetune.containers.images import resolve_images, version_tag
 from kubetune.pipelines.finetune import (
     GCS_KEY_DIR,
     GPU_NODE_SELECTOR,
-    SECRET_KEYS,
     PipelineOptions,
     make_pipeline,
 )
@@ -147,7 +146,9 @@ def _secret_env(step: Step, options: PipelineOptions) -> tuple[list, list]:
     from hera.workflows import Env, SecretEnv, SecretVolume
 
     env: list = [SecretEnv(name=key, secret_name=options.secret(kind), secret_key=key, optional=True)
-                 for kind in step.secrets if options.secret(kind) for key in SECRET_KEYS[kind]]
+                 for kind in step.secrets if options.secret(kind) for key in options.secret_keys(kind)]
+    if options.mlflow_uri and "mlflow" in step.secrets:
+        env.append(Env(name="MLFLOW_TRACKING_URI", value=options.mlflow_uri))
     volumes: list = []
     if options.gcs_secret and "object_store" in step.secrets:
         volumes.append(SecretVolume(name="gcs-key", secret_name=options.gcs_secret, optional=True,

@@ -19,6 +19,7 @@ from kubetune.pipelines.step_table import STEPS, Step
 
 from kubetune.config import pipeline_settings
 from kubetune.errors import collect
+from kubetune.secrets import redact, without_credentials
 
 PIPELINE_NAME = "kubetune-finetune"
 GPU_NODE_SELECTOR = "gpu_node_selector"
@@ -38,7 +39,7 @@ CREATE = "create"
 # steps get which Secret is the step table's ``secrets``.
 SECRET_KEYS: dict[str, tuple[str, ...]] = {
     "hub": ("HF_TOKEN",),
-    "mlflow": ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"),
+    "mlflow": ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"),
     "object_store": (
         "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
         "MLFLOW_S3_ENDPOINT_URL",
@@ -68,8 +69,12 @@ class PipelineOptions:
     cache_volume_access_mode: str = _option("ReadWriteOnce", "access mode of a created cache volume",
                                             choices=("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"))
     hub_secret: str = _option("kubetune-hub", "Secret with HF_TOKEN ('' = none)")
+    mlflow_uri: str = _option(
+        "", "MLflow tracking server of the SFT and evaluation steps (their MLFLOW_TRACKING_URI), e.g. "
+        "http://mlflow.mlflow:5000; '' = the MLflow Secret's MLFLOW_TRACKING_URI or the mlflow_tracking_uri parameter")
     mlflow_secret: str = _option(
-        "kubetune-mlflow", "Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN ('' = none)")
+        "kubetune-mlflow", "Secret with MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME/PASSWORD or "
+        "MLFLOW_TRACKING_TOKEN ('' = none)")
     object_store_secret: str = _option(
         "kubetune-object-store", "Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL ('' = none)")
     gcs_secret: str = _option("", "Secret with a GCP service-account key.json ('' = none)")
@@ -106,6 +111,13 @@ class PipelineOptions:
         if self.gcs_secret and not _DNS_SUBDOMAIN.match(self.gcs_secret):
             problems.append((f"gcs_secret {self.gcs_secret!r} is not a Kubernetes Secret name",
                              "use a lower-case name such as kubetune-gcs, or '' for none"))
+        if self.mlflow_uri and "://" not in self.mlflow_uri:
+            problems.append((f"mlflow_uri {redact(self.mlflow_uri)!r} is not a URI",
+                             "use the tracking server's URL, e.g. http://mlflow.mlflow:5000"))
+        elif without_credentials(self.mlflow_uri) != self.mlflow_uri:
+            problems.append(("mlflow_uri holds credentials (user:password@), which would be written into the "
+                             "compiled YAML", "give the plain URL, and the credentials as MLFLOW_TRACKING_USERNAME/"
+                             f"PASSWORD in the Secret {self.mlflow_secret or 'kubetune-mlflow'}"))
         if self.retries < 0:
             problems.append((f"retries={self.retries} is negative", "use 0 for no retries"))
         if self.run_as_user is not None and self.run_as_user <= 0:
@@ -115,6 +127,26 @@ class PipelineOptions:
     def secret(self, kind: str) -> str:
         """The Secret name of a kind in :data:`SECRET_KEYS` ("" = none)."""
         return getattr(self, f"{kind}_secret")
+
+    def secret_keys(self, kind: str) -> tuple[str, ...]:
+        """The keys taken from a Secret of this kind: a compiled --mlflow-uri replaces the Secret's URI."""
+        return tuple(key for key in SECRET_KEYS[kind] if not (key == "MLFLOW_TRACKING_URI" and self.mlflow_uri))
+
+    def tracking_plan(self, params: dict | None = None) -> str:
+        """What the SFT and evaluation steps will log to, in a sentence (``params``: the run's parameters)."""
+        uri = str((params or {}).get("mlflow_tracking_uri", "")).strip()
+        if uri:
+            return f"MLflow: the SFT and evaluation steps log to {redact(uri)} (mlflow_tracking_uri)."
+        if self.mlflow_uri:
+            return f"MLflow: the SFT and evaluation steps log to {redact(self.mlflow_uri)} (--mlflow-uri)."
+        secret = f"the MLFLOW_TRACKING_URI key of the Secret {self.mlflow_secret} if it has one, else " \
+            if self.mlflow_secret else ""
+        fallback = ("keep their records in their mlflow_store output (mlflow_required=false; `kubetune "
+                    "mlflow-import` loads them into a server)") if (params or {}).get("mlflow_required") is False \
+            else "stop at start with the fix (set mlflow_required=false to keep the records in their outputs instead)"
+        return (f"MLflow: the SFT and evaluation steps log to the mlflow_tracking_uri parameter, else {secret}the "
+                f"pod's MLFLOW_TRACKING_URI (Kubeflow's MLflow integration sets it); with none of these they "
+                f"{fallback}.")
 
 
 class PipelineOutputs(NamedTuple):
@@ -158,15 +190,16 @@ def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - k
     def finetune(*values) -> PipelineOutputs:
         params = dict(zip([p.name for p in parameters], values, strict=True))
         selector = params.pop(GPU_NODE_SELECTOR, None)
-        outputs: dict[str, dict] = {}  # step → its outputs, which feed later steps' inputs of the same name
+        available: dict = {}  # every earlier step's outputs by name: they feed later inputs of the same name
         tasks = {}
         for step in STEPS:
-            artifacts = {name: source[name] for source in outputs.values() for name in source
-                         if name in (step.component.component_spec.inputs or {})}
+            inputs = step.component.component_spec.inputs or {}
+            artifacts = {name: available[step.sources.get(name, name)] for name in inputs
+                         if step.sources.get(name, name) in available}
             task = step.component(**_step_inputs(step, params, constants), **artifacts)
             task.set_display_name(step.display_name)
             _place(task, step, options, selector)
-            outputs[step.name] = {name: task.outputs[name] for name in step.component.component_spec.outputs or {}}
+            available |= {name: task.outputs[name] for name in step.component.component_spec.outputs or {}}
             tasks[step.name] = task
         if options.cache_volume:
             _mount_cache_volume([tasks[s.name] for s in STEPS if s.cache_volume], list(tasks.values()), options)
@@ -204,8 +237,10 @@ def _use_secrets(task, step: Step, options: PipelineOptions) -> None:
     """Credentials from Kubernetes Secrets, each optional, never pipeline parameters (the UI shows those)."""
     for kind in step.secrets:
         if options.secret(kind):
-            kubernetes.use_secret_as_env(task, options.secret(kind), {key: key for key in SECRET_KEYS[kind]},
+            kubernetes.use_secret_as_env(task, options.secret(kind), {key: key for key in options.secret_keys(kind)},
                                          optional=True)
+    if options.mlflow_uri and "mlflow" in step.secrets:
+        task.set_env_variable("MLFLOW_TRACKING_URI", options.mlflow_uri)
     if options.gcs_secret and "object_store" in step.secrets:
         kubernetes.use_secret_as_volume(task, options.gcs_secret, mount_path=GCS_KEY_DIR, optional=True)
         task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/{options.gcs_key_file}")

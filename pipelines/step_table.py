@@ -7,7 +7,7 @@ all read this table; a step's placement defaults (resources, accelerator, node s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubetune.components import evaluate_model, prepare_dataset, quantize_model, train_lora
 
@@ -32,6 +32,8 @@ class Step:
     """Mounts the model cache volume (HF_HOME, checkpoints) when the pipeline has one."""
     results: tuple[str, ...] = ()
     """Outputs the plain Argo Workflow can also keep in the cluster's artifact repository."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Inputs fed by an earlier step's output of another name (input → output); the rest match by name."""
 
     @property
     def task(self) -> str:
@@ -47,7 +49,8 @@ STEPS: tuple[Step, ...] = (
     Step("train_lora", "train", train_lora, "LoRA SFT", gpu=True,
          secrets=("mlflow", "object_store"), cached=False, cache_volume=True, results=("adapter", "metrics")),
     Step("evaluate_model", "evaluate", evaluate_model, "Evaluate base vs tuned", gpu=True,
-         secrets=("mlflow", "object_store"), cached=False, cache_volume=True, results=("report", "metrics")),
+         secrets=("mlflow", "object_store"), cached=False, cache_volume=True,
+         results=("report", "metrics", "mlflow_store"), sources={"training_mlflow_store": "mlflow_store"}),
 )
 BY_NAME: dict[str, Step] = {step.name: step for step in STEPS}
 STEP_NAMES: tuple[str, ...] = tuple(BY_NAME)

@@ -161,24 +161,52 @@ def test_tracker_drops_rejected_calls_and_keeps_going(local_tracker):
     assert any("rejected log params" in error for error in local_tracker.errors)
 
 
-def test_retried_step_reuses_run_and_model_version(local_tracker, tmp_path):
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"r": 8}')
-    local_tracker.log_artifact(str(adapter), "adapter")
-    local_tracker.register_model("unit-adapter", "adapter", tags={"kubetune.base_model": "/models/base"})
-    assert local_tracker.finish(status="FAILED", timeout_s=5) == ""  # the first attempt failed later on
+def _tiny_peft_model(base_dir: str):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return get_peft_model(base, config), AutoTokenizer.from_pretrained(base_dir)
+
+
+@pytest.mark.slow
+def test_retried_step_reuses_run_and_model_version(local_tracker, tiny_model_dir, tmp_path):
+    """The adapter is logged as an MLflow transformers model (adapter only, base referenced) with the eval
+    metrics, registered once per run even when the step is retried, and loads back both ways."""
+    import mlflow
+
+    model, tokenizer = _tiny_peft_model(tiny_model_dir)
+    log_model = dict(base_model=tiny_model_dir, base_path=tiny_model_dir, metrics={"tuned_eval_loss": 1.25},
+                     name="unit-adapter", generation={"max_new_tokens": 4, "do_sample": False})
+    local_tracker.set_tags({"kubetune.base_model": tiny_model_dir, "kubetune.lora_r": 4})
+    local_tracker.log_adapter_model(model, tokenizer, **log_model)
+    assert local_tracker.finish(status="FAILED", timeout_s=60) == ""  # the first attempt failed later on
 
     retry = Tracker(local_tracker.tracking_uri, "unit")
     assert retry.try_open(run_name="unit", kfp_run_id="kfp-1", attempts=1)  # found by the KFP run id tag
     assert retry.run_id == local_tracker.run_id
     assert retry.client.get_run(retry.run_id).info.status == "RUNNING"
-    retry.register_model("unit-adapter", "adapter")
-    assert retry.finish(timeout_s=5) == ""
+    retry.log_adapter_model(model, tokenizer, **log_model)
+    assert retry.finish(timeout_s=60) == ""
     assert retry.registered == local_tracker.registered == {"name": "unit-adapter", "version": "1"}
-    assert Path(download_adapter(retry.tracking_uri, "unit-adapter", version=1), "adapter_config.json").is_file()
+    version = retry.client.get_model_version("unit-adapter", "1")
+    assert version.tags["kubetune.base_model"] == tiny_model_dir and version.tags["kubetune.lora_r"] == "4"
+    assert version.source.startswith("models:/")
+
+    adapter_dir = Path(download_adapter(retry.tracking_uri, "unit-adapter", version=1, dst_path=str(tmp_path)))
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 4
+    assert not list(adapter_dir.rglob("model.safetensors"))  # the base weights are referenced, not copied
     with pytest.raises(KubetuneError, match="no adapter"):
         download_adapter(retry.tracking_uri, "unit-adapter", alias="missing")
+
+    mlflow.set_tracking_uri(retry.tracking_uri)
+    found = mlflow.search_logged_models(experiment_ids=[retry._experiment_id()], output_format="list")
+    assert [m.model_id for m in found] == [version.source.removeprefix("models:/")]
+    assert {m.key: m.value for m in found[0].metrics}["eval.tuned_eval_loss"] == 1.25
+    generate = mlflow.transformers.load_model("models:/unit-adapter/1")
+    assert type(generate.model).__name__.startswith("PeftModel")
+    assert isinstance(generate("久咳不愈", max_new_tokens=4)[0]["generated_text"], str)
 
 
 def test_tracker_survives_an_unreachable_server(monkeypatch):

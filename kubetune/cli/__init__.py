@@ -2,16 +2,18 @@
 
 This package is the only part of kubetune that imports kfp, ``kubetune.pipelines`` and ``kubetune.components``
 besides those two packages themselves; nothing imports it. One module per command family: ``run`` (kfp.local),
-``submit`` (Kubeflow), ``argo`` (plain Argo), ``compare`` (MLflow), ``steps`` (the four step commands),
+``submit`` (Kubeflow), ``argo`` (plain Argo), ``compare`` (MLflow), ``tracking`` (``mlflow-import``),
+``steps`` (the four step commands),
 ``component_yaml`` (the shipped component files); ``params`` and ``options`` build the flags they share.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from kubetune import __version__
-from kubetune.cli import argo, compare, run, steps, submit
+from kubetune.cli import argo, compare, run, steps, submit, tracking
 from kubetune.cli.options import add_cluster_flags, add_placement_flags, placement_options
 from kubetune.errors import clear_errors
 from kubetune.pipelines import compile_pipeline
@@ -24,7 +26,9 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    print(compile_pipeline(args.output, placement_options(args)))
+    options = placement_options(args)
+    print(compile_pipeline(args.output, options))
+    print(options.tracking_plan(), file=sys.stderr)
     return 0
 
 
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_flags(comp)
     comp.set_defaults(func=cmd_compile)
 
-    for module in (run, submit, compare, argo, steps):
+    for module in (run, submit, compare, tracking, argo, steps):
         module.add_parser(sub)
     return parser
 

@@ -6,7 +6,13 @@ import argparse
 import os
 import sys
 
-from kubetune.cli.options import SECRET_OPTIONS, add_option_flags, add_placement_flags, placement_options
+from kubetune.cli.options import (
+    SECRET_OPTIONS,
+    TRACKING_OPTIONS,
+    add_option_flags,
+    add_placement_flags,
+    placement_options,
+)
 from kubetune.cli.params import parse_params
 from kubetune.errors import KubetuneError
 from kubetune.pipelines.argo import (
@@ -29,7 +35,9 @@ def cmd_argo(args: argparse.Namespace) -> int:
     if args.submit and not host:
         raise KubetuneError("--submit needs the Argo Server address",
                             "pass --host https://argo.example.com:2746 or set ARGO_SERVER")
-    workflow = build_workflow(placement_options(args), argo, parse_params(args.param))
+    options, params = placement_options(args), parse_params(args.param)
+    workflow = build_workflow(options, argo, params)
+    print(options.tracking_plan(params), file=sys.stderr)
     if args.output:
         print(write_workflow(workflow, args.output), file=sys.stderr if args.submit else sys.stdout)
     if not argo.pvc:
@@ -63,7 +71,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     volume.add_argument("--storage-class", default="", help="storage class of the created claim")
     volume.add_argument("--pvc-access-mode", default="ReadWriteOnce", choices=("ReadWriteOnce", "ReadWriteMany"))
     run = parser.add_argument_group("run")
-    add_option_flags(run, SECRET_OPTIONS)
+    add_option_flags(run, TRACKING_OPTIONS + SECRET_OPTIONS)
     run.add_argument("--service-account", default="", help="service account the step pods run as")
     run.add_argument("--artifacts", action="store_true",
                      help="also save adapter, report and metrics to the cluster's artifact repository")

@@ -13,6 +13,7 @@ from kubetune.pipelines import PipelineOptions
 from kubetune.pipelines.placement import load_profile, override, profile_names
 
 SECRET_OPTIONS = ("hub_secret", "mlflow_secret", "object_store_secret", "gcs_secret")
+TRACKING_OPTIONS = ("mlflow_uri",)
 VOLUME_OPTIONS = ("cache_volume", "cache_volume_size", "cache_volume_storage_class", "cache_volume_access_mode")
 
 
@@ -42,7 +43,7 @@ def add_option_flags(group, names: tuple[str, ...]) -> None:
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     """Volume, Secrets, security and retries."""
     group = parser.add_argument_group("cluster (volume, secrets, security)")
-    add_option_flags(group, VOLUME_OPTIONS + SECRET_OPTIONS)
+    add_option_flags(group, VOLUME_OPTIONS + TRACKING_OPTIONS + SECRET_OPTIONS)
     group.add_argument("--static-gpu-node-selector", action="store_true",
                        help="compile the GPU node selector as fixed labels, without the gpu_node_selector parameter "
                        "(for KFP backends without nodeSelectorJson)")

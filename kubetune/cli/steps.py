@@ -28,6 +28,7 @@ from kubetune.storage import atomic_file
 from kubetune.tracking import Tracking
 
 METADATA_SUFFIX = ".metadata.json"
+MLFLOW_STORE_SUFFIX = ".mlflow"
 # DataConfig's *_column fields are set through --columns, as in the pipeline.
 _COLUMN_FIELDS = {f.name for f in dataclasses.fields(DataConfig) if f.name.endswith("_column")}
 
@@ -112,7 +113,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         max_length=steps.prepared_max_length(data_metadata, args.max_length),
         checkpoint_dir=steps.checkpoint_location(args.checkpoint_dir, args.checkpoint_root, args.kfp_run_id,
                                                  args.adapter),
-        tracking=Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name),
+        tracking=Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name,
+                          required=args.mlflow_required,
+                          store_dir=args.mlflow_store or beside(args.adapter, MLFLOW_STORE_SUFFIX)),
         model_metadata=model_metadata,
         data_metadata=data_metadata,
         nproc=args.num_gpus,
@@ -133,8 +136,10 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     metrics_path = args.metrics or beside(args.report, ".metrics.json")
     result = steps.evaluate(
         args.model, args.adapter, args.eval_data, args.report, from_dict(EvalConfig, vars(args)),
-        tracking=Tracking.of_adapter(adapter_metadata, args.mlflow_tracking_uri, args.mlflow_experiment,
-                                     args.kfp_run_id, args.kfp_run_name),
+        tracking=Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name,
+                          required=args.mlflow_required,
+                          store_dir=args.mlflow_store or beside(args.report, MLFLOW_STORE_SUFFIX)).for_evaluation(
+            adapter_metadata, args.training_mlflow_store or beside(args.adapter, MLFLOW_STORE_SUFFIX)),
         data_metadata=data_metadata,
         trust_remote_code=args.trust_remote_code,
     )
@@ -161,7 +166,7 @@ def _run(args: argparse.Namespace) -> int:
 
 # -- parser ----------------------------------------------------------------------------------------------------
 MODEL = ("base_model", "model_revision")
-TRACKING = ("mlflow_tracking_uri", "mlflow_experiment")
+TRACKING = ("mlflow_tracking_uri", "mlflow_experiment", "mlflow_required")
 
 
 def _run_flags(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +200,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(train, "train_data", "input: the prepared training set (from prep)")
     _path(train, "adapter", "output: the LoRA adapter directory")
     _path(train, "metrics", "output: metrics JSON (default: <adapter>.metrics.json)", required=False)
+    _path(train, "mlflow_store", "output: the MLflow store without a server, else a note (default: <adapter>.mlflow)",
+          required=False)
     add_setting_flags(train, ("checkpoint_dir",))
     add_flag(train, "checkpoint_root", "", "Volume directory for per-run checkpoints")
     add_flag(train, "max_length", 0, "Maximum tokens per sample; 0 = the value prep recorded in the data's metadata")
@@ -213,6 +220,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(ev, "eval_data", "input: the held-out set (from prep)")
     _path(ev, "report", "output: the HTML report")
     _path(ev, "metrics", "output: metrics JSON (default: <report>.metrics.json)", required=False)
+    _path(ev, "mlflow_store", "output: the MLflow store without a server, else a note (default: <report>.mlflow)",
+          required=False)
+    _path(ev, "training_mlflow_store", "input: train's mlflow_store (default: <adapter>.mlflow)", required=False)
     add_setting_flags(ev, ("trust_remote_code",))
     add_config_flags(ev, EvalConfig)
     _run_flags(ev)

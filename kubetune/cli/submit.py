@@ -226,10 +226,11 @@ def _create_run(host: str, token: str, package: str, params: dict[str, Any], exp
 
 # -- command line ---------------------------------------------------------------------------------------------
 def cmd_submit(args: argparse.Namespace) -> int:
-    options = placement_options(args)
+    options, params = placement_options(args), parse_params(args.param)
+    print(options.tracking_plan(params), file=sys.stderr)
     result = submit_pipeline(
-        args.host, parse_params(args.param), experiment=args.experiment, run_name=args.run_name,
-        options=options, namespace=args.namespace,
+        args.host, params, experiment=args.experiment, run_name=args.run_name, options=options,
+        namespace=args.namespace,
     )
     print(f"run details: {result['url']}", file=sys.stderr)
     print(json.dumps(result))

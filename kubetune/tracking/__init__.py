@@ -43,7 +43,8 @@ from kubetune.tracking.names import (
 from kubetune.tracking.registry import download_adapter
 from kubetune.tracking.run import Tracker
 from kubetune.tracking.settings import Tracking
-from kubetune.tracking.store import default_local_uri, resolve_tracking_uri
+from kubetune.tracking.store import default_local_uri, in_cluster, resolve_tracking_uri
+from kubetune.tracking.transfer import import_store, write_note
 
 __all__ = [
     "DATASET_HASH_TAG",
@@ -62,7 +63,10 @@ __all__ = [
     "default_model_name",
     "download_adapter",
     "flatten_params",
+    "import_store",
+    "in_cluster",
     "registered_model_name",
     "resolve_tracking_uri",
     "truncate",
+    "write_note",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from kubetune.tracking.names import (
 )
 from kubetune.tracking.run import Tracker
 from kubetune.tracking.store import resolve_tracking_uri
+from kubetune.tracking.transfer import continue_store, has_records, open_store, store_uri
 
 
 @dataclass
@@ -27,19 +29,34 @@ class Tracking:
     kfp_run_id: str = ""
     kfp_run_name: str = ""
     registered_model: str = ""  # empty: <experiment>-adapter; "none": do not register
+    required: bool = True
+    """In a cluster pod without a tracking server: stop at start (True) or log into ``store_dir`` (False)."""
+    store_dir: str = ""
+    """The step's ``mlflow_store`` output: the store when there is no server, else a note naming the server."""
 
-    @classmethod
-    def of_adapter(
-        cls, adapter_metadata: dict[str, Any], tracking_uri: str, experiment: str, kfp_run_id: str, kfp_run_name: str
-    ) -> Tracking:
-        """Evaluation logs into the training's MLflow run, which the adapter's metadata names with its store;
-        a given tracking URI takes precedence over that store."""
-        return cls(tracking_uri or adapter_metadata.get("tracking_uri", ""), experiment,
-                   adapter_metadata.get("mlflow_run_id", ""), kfp_run_id, kfp_run_name)
+    def for_evaluation(self, adapter_metadata: dict[str, Any], training_store: str = "") -> Tracking:
+        """Evaluation logs into the training's MLflow run, which the adapter's metadata names with its store (a
+        given tracking URI takes precedence). When training had no server and kept its records in its
+        ``mlflow_store`` output, evaluation carries on in a copy of that store, in its own output."""
+        uri = self.tracking_uri or adapter_metadata.get("tracking_uri", "")
+        if not self.tracking_uri and training_store and has_records(training_store) and self.store_dir:
+            uri = continue_store(training_store, self.store_dir)
+        return dataclasses.replace(self, tracking_uri=uri, run_id=adapter_metadata.get("mlflow_run_id", ""))
+
+    def resolve(self) -> str:
+        """The tracking URI this step uses (see :func:`kubetune.tracking.store.resolve_tracking_uri`); a store in
+        ``store_dir`` is prepared for import elsewhere."""
+        uri = resolve_tracking_uri(self.tracking_uri, required=self.required, store_dir=self.store_dir)
+        if self.store_dir and uri == store_uri(self.store_dir):
+            open_store(self.store_dir)
+        return uri
+
+    def uses_output_store(self, uri: str) -> bool:
+        """Does ``uri`` point at the store in this step's output (which no other pod can open)?"""
+        return bool(self.store_dir) and uri == store_uri(self.store_dir)
 
     def tracker(self) -> Tracker:
-        return Tracker(resolve_tracking_uri(self.tracking_uri), self.experiment or DEFAULT_EXPERIMENT,
-                       run_id=self.run_id)
+        return Tracker(self.resolve(), self.experiment or DEFAULT_EXPERIMENT, run_id=self.run_id)
 
     def open_kwargs(self) -> dict[str, Any]:
         return {
