@@ -214,10 +214,13 @@ def train_here(job: TrainJob) -> dict[str, Any]:
                 "model": {k: v for k, v in model_metadata.items() if k not in {"load_seconds", "output_sha256"}},
                 "lora": to_dict(lora),
                 "train": {**to_dict(train_config), "max_length": max_length},
-                # Parameters, not metrics: one value each, and the run's metrics page starts with the curves.
-                "data_stats": {k[5:]: v for k, v in data_metadata.items() if k.startswith("stat_")},
+                # Counts and lengths as parameters, not one-point metrics: the metrics page starts with the curves.
+                "data_stats": {k: v for k, v in _data_stats(data_metadata).items() if not _is_timing(k)},
             }
         )
+        tracker.log_metrics({k: v for k, v in _data_stats(data_metadata).items() if _is_timing(k)}, prefix="data.")
+        tracker.log_dataset(data_metadata.get("dataset", ""), digest=dataset_sha256, context="train",
+                            rows=int(data_metadata.get("stat_train_rows", 0)))
         tracker.set_tags({**_adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
                           "kubetune.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"})
     try:
@@ -256,6 +259,16 @@ def train_here(job: TrainJob) -> dict[str, Any]:
         without_credentials(tracker.tracking_uri),
         "tracking_report": report,
     }
+
+
+def _data_stats(data_metadata: dict[str, Any]) -> dict[str, Any]:
+    """Prep's statistics, which travel in the dataset's metadata as ``stat_*``."""
+    return {k.removeprefix("stat_"): v for k, v in data_metadata.items() if k.startswith("stat_")}
+
+
+def _is_timing(name: str) -> bool:
+    """Prep's speed (seconds, rows per second) varies between identical runs: a measurement, not a setting."""
+    return name.endswith(("_seconds", "_per_s"))
 
 
 def _step_sink(tracker: Tracker):
@@ -302,6 +315,8 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
     tracker.log_params({"eval": {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v
                                  for k, v in to_dict(config).items()}})
     tracker.log_metrics(result.metrics, prefix="eval.")
+    tracker.log_dataset(data_metadata.get("dataset", ""), digest=file_sha256(eval_path), context="eval",
+                        rows=int(result.metrics.get("eval_rows", 0)))
     tracker.log_table(result.rows, "eval/answers.json")
     tracker.log_artifact(report_path, "eval", name="report.html")  # KFP names the file "report"; MLflow shows .html
     _log_plots(tracker, result.metrics)

@@ -257,6 +257,33 @@ def test_secret_names_configurable_and_gcs_key_file(tmp_path):
     assert not compiled.kubernetes("quantize-model").secret_as_volume
 
 
+def test_tracking_server_from_the_secret_or_a_compiled_uri(tmp_path):
+    """By default the MLflow Secret may carry MLFLOW_TRACKING_URI; --mlflow-uri sets it as plain env of the tracked
+    steps instead (and the Secret's key is then not mapped, so one value wins). No credential reaches the YAML."""
+    assert "MLFLOW_TRACKING_URI" in compile_with(tmp_path, options()).secret_env("train-lora")
+    compiled = compile_with(tmp_path, options(mlflow_uri="http://mlflow.mlflow:5000"), "uri.yaml")
+    for task in ("train-lora", "evaluate-model"):
+        assert compiled.env(task)["MLFLOW_TRACKING_URI"] == "http://mlflow.mlflow:5000"
+        secret = compiled.secret_env(task)
+        assert "MLFLOW_TRACKING_URI" not in secret and secret["MLFLOW_TRACKING_PASSWORD"] == ("kubetune-mlflow", True)
+    for task in ("prepare-dataset", "quantize-model"):
+        assert "MLFLOW_TRACKING_URI" not in compiled.env(task)
+    with pytest.raises(KubetuneError, match="holds credentials") as error:
+        compile_with(tmp_path, options(mlflow_uri="https://user:s3cret@mlflow.example.com"), "creds.yaml")
+    assert "s3cret" not in str(error.value) and "MLFLOW_TRACKING_USERNAME/PASSWORD" in str(error.value)
+    with pytest.raises(KubetuneError, match="is not a URI"):
+        compile_with(tmp_path, options(mlflow_uri="mlflow:5000"), "bad.yaml")
+
+
+def test_compile_says_where_tracking_goes(tmp_path, capsys):
+    from kubetune.cli import main
+
+    assert main(["compile", "-o", str(tmp_path / "a.yaml")]) == 0
+    assert "stop at start" in capsys.readouterr().err
+    assert main(["compile", "-o", str(tmp_path / "b.yaml"), "--mlflow-uri", "http://mlflow.mlflow:5000"]) == 0
+    assert "log to http://mlflow.mlflow:5000 (--mlflow-uri)" in capsys.readouterr().err
+
+
 def test_bad_secret_and_volume_names():
     with pytest.raises(KubetuneError) as error:
         PipelineOptions(hub_secret="HF Token", cache_volume="My_Claim").validate()
@@ -346,8 +373,11 @@ def test_metrics_and_report_reach_the_run_page(tmp_path):
         spec = compiled.spec.components[compiled.tasks[task].component_ref.name]
         return {name: a.artifact_type.schema_title for name, a in spec.output_definitions.artifacts.items()}
 
-    assert outputs("evaluate-model") == {"metrics": "system.Metrics", "report": "system.HTML"}
-    assert outputs("train-lora") == {"adapter": "system.Model", "metrics": "system.Metrics"}
+    # mlflow_store: the MLflow records when there was no tracking server (mlflow_required=false), else a note
+    assert outputs("evaluate-model") == {"metrics": "system.Metrics", "report": "system.HTML",
+                                         "mlflow_store": "system.Artifact"}
+    assert outputs("train-lora") == {"adapter": "system.Model", "metrics": "system.Metrics",
+                                     "mlflow_store": "system.Artifact"}
     assert outputs("prepare-dataset")["stats"] == "system.Metrics"
     assert outputs("prepare-dataset")["summary"] == "system.Markdown"
     root_outputs = compiled.spec.root.output_definitions.artifacts

@@ -46,7 +46,9 @@ def test_tuned_model_beats_base_and_mlflow_has_the_run(local_run):
     assert run.data.params["lora.lora_r"] == "16" and run.data.params["data.dataset"] == "kubetune://tcm-demo"
     history = client.get_metric_history(run.info.run_id, "train.loss")
     assert len(history) == metrics["sft.global_step"] and len(history) > 5
-    assert metrics["data.rows_in"] > metrics["data.rows_kept"] > 0
+    params = run.data.params  # prep's counts are parameters; the metrics page starts with the curves
+    assert int(params["data_stats.rows_in"]) > int(params["data_stats.rows_kept"]) > 0
+    assert "data.prep_seconds" in metrics and not any(k.startswith("data.rows") for k in metrics)
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in logged
     assert run.info.status == "FINISHED"

@@ -137,8 +137,10 @@ def download_adapter(tracking_uri: str, name: str, version: str | int | None = N
             f"{redact(tracking_uri)}: {str(exc)[:200]}",
             "list versions with MlflowClient().search_model_versions(\"name = '<name>'\") or check the alias",
         ) from exc
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_version.source, dst_path=dst_path,
-                                                tracking_uri=tracking_uri)
+    source = model_version.source
+    if source.startswith("models:/"):  # a LoggedModel: its files, found through this server (not the global URI)
+        source = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=dst_path, tracking_uri=tracking_uri)
     if (Path(local) / PEFT_DIR / "adapter_config.json").is_file():  # an MLflow transformers model
         local = str(Path(local) / PEFT_DIR)
     if not (Path(local) / "adapter_config.json").is_file():

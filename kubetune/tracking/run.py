@@ -7,6 +7,7 @@ outage-tolerant queue of :mod:`kubetune.tracking.queue`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -35,6 +36,21 @@ from kubetune.tracking.system_metrics import SystemMetrics
 
 log = logging.getLogger("kubetune.tracking")
 
+PARENT_RUN_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
+def dataset_source(reference: str) -> tuple[str, str]:
+    """MLflow's source type for a dataset reference, and the key under which its UI shows the location."""
+    scheme = reference.split("://", 1)[0].lower() if "://" in reference else ""
+    if scheme in ("s3", "s3a", "gs", "gcs"):
+        return ("s3" if scheme.startswith("s3") else "gcs"), "uri"
+    if scheme:
+        return "external", "url"
+    if reference.startswith(("/", "./", "../")) or Path(reference).exists():
+        return "local", "uri"
+    return "hugging_face", "path"
+
 
 @dataclass
 class Tracker(DeliveryQueue, SystemMetrics, Registry):
@@ -48,6 +64,9 @@ class Tracker(DeliveryQueue, SystemMetrics, Registry):
     tracking_uri: str
     experiment: str = DEFAULT_EXPERIMENT
     run_id: str = ""
+    platform_run_id: str = ""
+    """The run Kubeflow Pipelines' MLflow integration made for this task (MLFLOW_RUN_ID): the run opened here is
+    nested under that task's pipeline run, in its experiment, instead of standing alone."""
     pending: list[tuple[str, Callable[[], Any]]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     retry_after: float = 0.0
@@ -72,7 +91,12 @@ class Tracker(DeliveryQueue, SystemMetrics, Registry):
         if self.run_id:
             self._resume(self.client.get_run(self.run_id))
             return self.run_id
-        experiment_id = self._experiment_id()
+        if self.platform_run_id:  # KFP chose the experiment; the run sits beside KFP's task runs
+            task_run = self.client.get_run(self.platform_run_id)
+            experiment_id = task_run.info.experiment_id
+            parent = task_run.data.tags.get(PARENT_RUN_TAG) or self.platform_run_id
+        else:
+            experiment_id, parent = self._experiment_id(), ""
         if kfp_run_id:
             found = self.client.search_runs(
                 [experiment_id], filter_string=f"tags.`{KFP_RUN_ID_TAG}` = '{kfp_run_id}'", max_results=1
@@ -81,7 +105,7 @@ class Tracker(DeliveryQueue, SystemMetrics, Registry):
                 self.run_id = found[0].info.run_id
                 self._resume(found[0])
                 return self.run_id
-        all_tags = {KFP_RUN_ID_TAG: kfp_run_id, **(tags or {})}
+        all_tags = {KFP_RUN_ID_TAG: kfp_run_id, PARENT_RUN_TAG: parent, **(tags or {})}
         run = self.client.create_run(
             experiment_id,
             run_name=redact(run_name, self.secrets) or None,
@@ -115,8 +139,10 @@ class Tracker(DeliveryQueue, SystemMetrics, Registry):
         if experiment is not None:
             return experiment.experiment_id
         try:
+            # The MLflow UI opens an experiment of this kind on its runs, not on the GenAI (traces) view.
             return self.client.create_experiment(
-                self.experiment, artifact_location=artifact_location(self.tracking_uri, self.experiment)
+                self.experiment, artifact_location=artifact_location(self.tracking_uri, self.experiment),
+                tags={EXPERIMENT_KIND_TAG: "custom_model_development"},
             )
         except Exception:  # another step created it first
             experiment = self.client.get_experiment_by_name(self.experiment)
@@ -161,6 +187,20 @@ class Tracker(DeliveryQueue, SystemMetrics, Registry):
         ]
         if entries:
             self._send("log metrics", lambda: self.client.log_batch(self.run_id, metrics=entries))
+
+    def log_dataset(self, reference: str, *, digest: str, context: str, rows: int = 0) -> None:
+        """Record a prepared dataset as an input of this run (the Datasets column of the MLflow UI): named after
+        the user's ``reference`` (file, URI, hub id), with its content hash and whether it is the train or eval
+        set. Only the reference is sent, never the data."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        clean = self._redact(reference)
+        source_type, key = dataset_source(clean)
+        dataset = Dataset(name=clean.rstrip("/").rsplit("/", 1)[-1][:500] or "dataset", digest=digest[:32],
+                          source_type=source_type, source=json.dumps({key: clean}),
+                          profile=json.dumps({"num_rows": rows, "sha256": digest}))
+        entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
+        self._send("log dataset", lambda: self.client.log_inputs(self.run_id, datasets=[entry]))
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag

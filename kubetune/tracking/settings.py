@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,15 @@ from kubetune.tracking.names import (
 from kubetune.tracking.run import Tracker
 from kubetune.tracking.store import resolve_tracking_uri
 from kubetune.tracking.transfer import continue_store, has_records, open_store, store_uri
+
+
+def platform_run_id(tracking_uri: str, environ: Mapping[str, str] | None = None) -> str:
+    """The MLflow run Kubeflow Pipelines made for this task (its MLflow integration sets MLFLOW_RUN_ID and
+    MLFLOW_TRACKING_URI in the pod), when this step logs to that same server; else ""."""
+    environ = os.environ if environ is None else environ
+    run_id = environ.get("MLFLOW_RUN_ID", "").strip()
+    same_server = environ.get("MLFLOW_TRACKING_URI", "").strip() == tracking_uri
+    return run_id if run_id and same_server else ""
 
 
 @dataclass
@@ -56,7 +67,9 @@ class Tracking:
         return bool(self.store_dir) and uri == store_uri(self.store_dir)
 
     def tracker(self) -> Tracker:
-        return Tracker(self.resolve(), self.experiment or DEFAULT_EXPERIMENT, run_id=self.run_id)
+        uri = self.resolve()
+        return Tracker(uri, self.experiment or DEFAULT_EXPERIMENT, run_id=self.run_id,
+                       platform_run_id=platform_run_id(uri))
 
     def open_kwargs(self) -> dict[str, Any]:
         return {
