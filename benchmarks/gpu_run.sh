@@ -46,8 +46,10 @@ bench() {
   [ "${1:-}" = --wait ] && { shift; wait_args=(--wait-for "$DONE" --wait-timeout "$((CHECKS_S + 10))"); }
   limit=$(atleast5 $(( $(left) - 10 )))
   note "benchmark starts at $((SECONDS - T0)) s with ${limit} s left: $*"
-  timeout -k 10 "$limit" python3 benchmarks/sft_throughput.py "$@" "${wait_args[@]}" > "$OUT/sft_bench.log" 2>&1
-  note "benchmark: rc $? at $((SECONDS - T0)) s"
+  # RESULT lines show as they come (they survive a cut-short call in the tool's output too)
+  timeout -k 10 "$limit" python3 benchmarks/sft_throughput.py "$@" ${wait_args[@]+"${wait_args[@]}"} 2>&1 \
+      | tee "$OUT/sft_bench.log" | grep --line-buffered -E "^(RESULT|WAITED) "
+  note "benchmark: rc ${PIPESTATUS[0]} at $((SECONDS - T0)) s"
 }
 
 has_configs=0
@@ -66,10 +68,9 @@ else
   wait
 fi
 
-echo "==== summary ($((SECONDS - T0)) s)"
-cat "$OUT/summary.txt"
+echo "==== done in $((SECONDS - T0)) s (status lines: summary.txt)"
 if [ -f "$OUT/sft_bench.log" ]; then
-  grep -E "^(RESULT|SUMMARY|WAITED)|Traceback|Error" "$OUT/sft_bench.log" | cut -c1-1500 | tail -40
+  grep -E "^SUMMARY |Traceback|Error" "$OUT/sft_bench.log" | cut -c1-2500 | tail -30
 fi
 [ -f benchmarks/results.jsonl ] && cp benchmarks/results.jsonl "$OUT/results.jsonl"
 ls -la "$OUT"

@@ -35,7 +35,7 @@ class Registry:
     def log_adapter_model(self: Tracker, model, tokenizer, *, base_model: str, base_path: str,
                           metrics: Mapping[str, float], name: str, tags: Mapping[str, Any] | None = None,
                           generation: Mapping[str, Any] | None = None) -> None:
-        """Log ``model`` (a PeftModel) as this run's MLflow model ``adapter``: the adapter and tokenizer, with the
+        """Log ``model`` (a PeftModel) as this run's MLflow model ``tuned_model`` (not ``adapter``: MLflow would take the run's adapter files at that path for the model): the adapter and tokenizer, with the
         base model referenced (``base_path``, a directory that loading needs too; else the hub id
         ``base_model``), ``metrics`` on the LoggedModel, and the model registered as a new version of ``name``
         (created when missing; a retried step reuses its version) with the run's ``kubetune.*`` tags (base model,
@@ -60,7 +60,7 @@ class Registry:
                 run = self.client.get_run(self.run_id)
                 lineage = {k: v for k, v in run.data.tags.items() if k.startswith("kubetune.")
                            and k not in (REGISTERED_MODEL_TAG, REGISTERED_VERSION_TAG)} | clean_tags
-                logged = self.client.create_logged_model(run.info.experiment_id, name="adapter",
+                logged = self.client.create_logged_model(run.info.experiment_id, name="tuned_model",
                                                          source_run_id=self.run_id, model_type="peft-lora",
                                                          tags=lineage)
                 _point_at_base(model, tokenizer, base_model)
