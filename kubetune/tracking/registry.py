@@ -35,8 +35,8 @@ class Registry:
     def log_adapter_model(self: Tracker, model, tokenizer, *, base_model: str, base_path: str,
                           metrics: Mapping[str, float], name: str, tags: Mapping[str, Any] | None = None,
                           generation: Mapping[str, Any] | None = None) -> None:
-        """Log ``model`` (a PeftModel) as this run's MLflow model ``tuned_model`` (not ``adapter``: MLflow would take the run's adapter files at that path for the model): the adapter and tokenizer, with the
-        base model referenced (``base_path``, a directory that loading needs too; else the hub id
+        """Log ``model`` (a PeftModel) as this run's MLflow model ``tuned_model`` (a model named ``adapter`` would
+        shadow the run's ``adapter/`` files): the adapter and tokenizer, with the base model referenced (``base_path``, a directory that loading needs too; else the hub id
         ``base_model``), ``metrics`` on the LoggedModel, and the model registered as a new version of ``name``
         (created when missing; a retried step reuses its version) with the run's ``kubetune.*`` tags (base model,
         quantization, data, LoRA settings) and ``tags``. ``mlflow.transformers.load_model`` of the version gives
