@@ -7,6 +7,7 @@ names. ``validate()`` collects every problem and raises once (see :func:`kubetun
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +21,12 @@ Quantization = Literal["nf4", "fp4", "none"]
 ComputeDtype = Literal["auto", "bfloat16", "float16", "float32"]
 Attention = Literal["auto", "varlen", "flex_attention", "sdpa", "eager"]
 GradientCheckpointing = Literal["auto", "on", "off"]
+# transformers' SchedulerType values (tests check the two agree).
+LrScheduler = Literal[
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+    "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
+]
+MAX_LORA_RANK = 2048  # far above any useful rank; a typo like 100000 would try to allocate hundreds of GB
 
 DEFAULT_PERSONA = (
     "You are an expert physician of Traditional Chinese Medicine (TCM) with deep knowledge of TCM theory, "
@@ -40,6 +47,18 @@ def _check_choices(config: Any, problems: list[tuple[str, str]]) -> None:
             if value not in allowed:
                 problems.append((f"{f.name}={value!r} is not one of {', '.join(allowed)}",
                                  f"set {f.name} to one of: {', '.join(allowed)}"))
+
+
+def _check_seed(seed: int, problems: list[tuple[str, str]]) -> None:
+    if seed < 0:
+        problems.append((f"seed={seed} is negative", "use a seed of 0 or more, e.g. 42"))
+
+
+def _check_finite(config: Any, names: tuple[str, ...], problems: list[tuple[str, str]]) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append((f"{name}={value} is not a finite number", f"give {name} a finite value"))
 
 
 def _help(text: str, default: Any) -> Any:
@@ -104,6 +123,7 @@ class DataConfig:
             problems.append((f"max_eval_samples={self.max_eval_samples} is negative", "use 0 for no cap"))
         if self.num_proc < 0:
             problems.append((f"num_proc={self.num_proc} is negative", "use 0 for one process per CPU core"))
+        _check_seed(self.seed, problems)
         _check_choices(self, problems)
         return problems
 
@@ -153,6 +173,10 @@ class LoraSettings:
         problems: list[tuple[str, str]] = []
         if self.lora_r <= 0:
             problems.append((f"lora_r={self.lora_r} must be positive", "use a rank such as 8, 16 or 64"))
+        elif self.lora_r > MAX_LORA_RANK:
+            problems.append((f"lora_r={self.lora_r} is far larger than any useful LoRA rank",
+                             f"use a rank such as 8, 16 or 64 (at most {MAX_LORA_RANK})"))
+        _check_finite(self, ("lora_dropout",), problems)
         if self.lora_alpha <= 0:
             problems.append((f"lora_alpha={self.lora_alpha} must be positive", "use e.g. 2 x lora_r"))
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -167,7 +191,7 @@ class TrainConfig:
     """The SFT run. Speed settings default to auto: decided from the hardware at run time."""
 
     learning_rate: float = _help("Peak learning rate.", 2e-4)
-    lr_scheduler: str = _help("Learning-rate schedule (linear, cosine, constant, ...).", "cosine")
+    lr_scheduler: LrScheduler = _help("Learning-rate schedule (linear, cosine, constant, ...).", "cosine")
     warmup_ratio: float = _help("Fraction of steps spent warming up.", 0.03)
     num_epochs: float = _help("Epochs over the training set (ignored when max_steps > 0).", 1.0)
     max_steps: int = _help("Stop after this many optimizer steps (0 = run num_epochs).", 0)
@@ -207,6 +231,8 @@ class TrainConfig:
     def problems(self) -> list[tuple[str, str]]:
         """Every (problem, fix) of these settings; empty when they are valid."""
         problems: list[tuple[str, str]] = []
+        _check_finite(self, ("learning_rate", "num_epochs", "warmup_ratio", "weight_decay", "max_grad_norm"), problems)
+        _check_seed(self.seed, problems)
         if self.learning_rate <= 0:
             problems.append((f"learning_rate={self.learning_rate} must be positive", "use e.g. 2e-4 for LoRA"))
         if self.num_epochs <= 0 and self.max_steps <= 0:
@@ -289,9 +315,14 @@ class RunConfig:
 
     def problems(self) -> list[tuple[str, str]]:
         """Every (problem, fix) of these settings; empty when they are valid."""
+        problems: list[tuple[str, str]] = []
         if not self.base_model.strip():
-            return [("base_model is empty", "pass a local model directory or a hub id")]
-        return []
+            problems.append(("base_model is empty", "pass a local model directory or a hub id"))
+        uri = self.mlflow_tracking_uri.strip()
+        if uri and "://" not in uri and not uri.startswith("databricks"):
+            problems.append(("mlflow_tracking_uri has no scheme (http://, https://, sqlite:///...)",
+                             "use http(s)://host:port for a tracking server or sqlite:////abs/path/mlflow.db"))
+        return problems
 
 
 CONFIGS: tuple[type, ...] = (RunConfig, DataConfig, QuantConfig, LoraSettings, TrainConfig, EvalConfig)

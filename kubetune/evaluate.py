@@ -25,6 +25,7 @@ from kubetune.generation import (
 )
 from kubetune.modeling import load_model, load_tokenizer
 from kubetune.report import render_report
+from kubetune.secrets import redact, secret_values
 from kubetune.storage import atomic_file
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -269,7 +270,8 @@ def evaluate_adapter(
         "Generation": f"greedy, max_new_tokens={config.max_new_tokens}, KV cache, left-padded batches",
         "Date (UTC)": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
-    html_text = render_report(title, metrics, rows, meta)
+    # The report is a file users share: no secret value (a token in a probe question, say) reaches it.
+    html_text = redact(render_report(title, metrics, rows, meta), secret_values())
     with atomic_file(report_path) as staging:
         Path(staging).write_text(html_text, encoding="utf-8")
     return EvalResult(metrics=metrics, rows=rows, report_path=str(report_path), model=model, tokenizer=tokenizer)

@@ -20,6 +20,7 @@ METADATA_FILE = "kubetune_model.json"
 REQUIRE_GPU_ENV = "KUBETUNE_REQUIRE_GPU"
 REQUIRE_GPU_ANNOTATION = "kubetune.io/require-gpu"  # the pod annotation the pipeline maps onto REQUIRE_GPU_ENV
 _OFF = {"", "0", "false", "no", "off"}
+MIN_VOCABULARY = 16  # fewer tokens than this is no tokenizer (the tiny test model has 256 and up)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,12 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
     except ValueError as exc:
         _raise_if_remote_code(exc, resolved)
         raise
+    if len(tokenizer) < MIN_VOCABULARY:  # transformers builds an empty tokenizer from a folder without its files
+        raise KubetuneError(
+            f"the tokenizer of {resolved.describe()} has {len(tokenizer)} token(s): the model has no tokenizer files "
+            "(tokenizer.json or vocab/merges, tokenizer_config.json)",
+            "copy the base model's tokenizer files into that folder, or point base_model at the complete model",
+        )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

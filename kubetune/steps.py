@@ -30,7 +30,7 @@ from kubetune.plots import plot_base_vs_tuned, plot_loss_curves
 from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
 from kubetune.sft import train_lora
-from kubetune.storage import file_sha256
+from kubetune.storage import check_outputs, file_sha256
 from kubetune.tracking import (
     DATASET_HASH_TAG,
     KFP_RUN_ID_TAG,
@@ -93,8 +93,9 @@ def report_metadata(result: dict[str, Any]) -> dict[str, Any]:
 def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str, *, revision: str = "",
             trust_remote_code: bool = False) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Dataset prep. Returns (stats, Markdown summary, metadata for the dataset artifacts)."""
-
     config.validate()
+    check_outputs({"dataset": config.dataset, "base_model": base_model},
+                  {"train_data": train_path, "eval_data": eval_path})
     tokenizer = load_tokenizer(base_model, revision=revision or None, trust_remote_code=trust_remote_code)
     result = prepare_dataset(config, tokenizer, train_path, eval_path)
     metadata = {
@@ -111,6 +112,7 @@ def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str
 def quantize(base_model: str, output_dir: str, quant: QuantConfig, *, revision: str = "",
              trust_remote_code: bool = False) -> dict[str, Any]:
     """4-bit model load and save. Returns the model artifact's metadata."""
+    check_outputs({"base_model": base_model}, {"model": output_dir})
 
     return quantize_model(base_model, output_dir, quant, revision=revision or None, trust_remote_code=trust_remote_code)
 
@@ -198,6 +200,8 @@ def train_here(job: TrainJob) -> dict[str, Any]:
 
 
     lora, train_config, tracking, max_length = job.lora, job.train, job.tracking, job.max_length
+    check_outputs({"model": job.model_dir, "train_data": job.train_path},
+                  {"adapter": job.adapter_dir, "checkpoint_dir": job.checkpoint_dir})
     is_rank_zero = distributed.is_rank_zero()
     # Only rank 0 talks to MLflow: several ranks opening one sqlite store at once race on its schema.
     tracker = tracking.tracker() if is_rank_zero else None
@@ -293,6 +297,7 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
     an MLflow model with the eval metrics, registered as a new version of ``<experiment>-adapter``. Probe
     questions are asked in the prompt style and persona prep recorded in ``data_metadata``."""
 
+    check_outputs({"model": model_dir, "adapter": adapter_dir, "eval_data": eval_path}, {"report": report_path})
     data_metadata = data_metadata or {}
     prompt_style, persona = data_metadata.get("prompt_style", "expert"), data_metadata.get("persona", "")
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)

@@ -4,6 +4,10 @@ A step killed half-way never leaves a file or directory that a later step, or KF
 finished result: the final name appears in one ``rename`` after every byte is written and flushed to disk
 (``fsync``), so a node that loses power right after the rename does not leave empty files behind either.
 A kill leaves at most a hidden ``.<name>.partial-*`` sibling, which nothing reads.
+
+Nothing of the user's is replaced: a directory output may replace only an earlier output of kubetune (it holds
+the :data:`OWN_OUTPUT` marker, or the metadata file of a kubetune model or adapter) or an empty folder, and
+:func:`check_outputs` refuses an output that is one of the step's inputs, lies inside one, or holds one.
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from kubetune.errors import KubetuneError, collect
+
 PARTIAL_MARKER = ".partial-"
+OWN_OUTPUT = ".kubetune-output"
+"""A file in every directory kubetune writes, so that a rerun may replace it and nothing else."""
+# Outputs of earlier versions, written before the marker: a 4-bit model, an adapter.
+_OWN_METADATA = ("kubetune_model.json", "kubetune_adapter.json")
 
 
 def _staging_name(target: Path) -> Path:
@@ -53,11 +63,14 @@ def _fsync_tree(root: Path) -> None:
 def atomic_dir(target: str | os.PathLike) -> Iterator[str]:
     """Yield a staging directory beside ``target``; on success it replaces ``target`` in one rename."""
     target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_name(target)
     staging.mkdir()
     try:
         yield str(staging)
+        (staging / OWN_OUTPUT).write_text("written by kubetune; a rerun may replace this folder\n",
+                                          encoding="utf-8")
         _fsync_tree(staging)
         if target.exists():
             old = _staging_name(target)
@@ -72,10 +85,51 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[str]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def is_own_output(directory: str | os.PathLike) -> bool:
+    """Was ``directory`` written by kubetune (so a rerun may replace it)?"""
+    return any((Path(directory) / name).is_file() for name in (OWN_OUTPUT, *_OWN_METADATA))
+
+
+def check_replaceable(target: str | os.PathLike) -> None:
+    """Refuse to write a directory over a file, or over a folder that holds files kubetune did not write."""
+    target = Path(target)
+    if target.is_file() or (target.exists() and not target.is_dir()):
+        raise KubetuneError(f"output {target} is an existing file, and this output is a folder",
+                            "choose a new output path (a folder that does not exist yet)")
+    if target.is_dir() and any(target.iterdir()) and not is_own_output(target):
+        raise KubetuneError(
+            f"output folder {target} already holds files that kubetune did not write; they would be replaced",
+            "choose a new output path, or empty or remove that folder yourself if you mean to replace it",
+        )
+
+
+def check_outputs(inputs: dict[str, str | os.PathLike], outputs: dict[str, str | os.PathLike]) -> None:
+    """One error for every output that is an input, lies inside one or holds one, and for outputs that share a
+    path: writing them would destroy what the step reads, or one output would overwrite the other."""
+    problems: list[tuple[str, str]] = []
+    resolved_in = {name: Path(path).resolve() for name, path in inputs.items() if str(path) and Path(path).exists()}
+    resolved_out = {name: Path(path).resolve() for name, path in outputs.items() if str(path)}
+    for out_name, out in resolved_out.items():
+        for in_name, source in resolved_in.items():
+            if out == source or out in source.parents or source in out.parents:
+                problems.append((f"output {out_name} ({out}) overlaps input {in_name} ({source}): writing it would "
+                                 f"destroy what the step reads", f"give {out_name} a path of its own"))
+    names = list(resolved_out)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if resolved_out[first] == resolved_out[second]:
+                problems.append((f"outputs {first} and {second} are the same path ({resolved_out[first]})",
+                                 f"give {first} and {second} different paths"))
+    collect(problems)
+
+
 @contextmanager
 def atomic_file(target: str | os.PathLike) -> Iterator[str]:
     """Yield a staging file path beside ``target``; on success it replaces ``target`` atomically."""
     target = Path(target)
+    if target.is_dir():
+        raise KubetuneError(f"output {target} is an existing folder, and this output is a file",
+                            "choose a new output path")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = _staging_name(target)
     try:

@@ -154,6 +154,55 @@ def _columns(ctx: Ctx) -> None:
     parse_columns("instruction")
 
 
+def _tiny_model_over_user_files(ctx: Ctx) -> None:
+    from kubetune.tiny import make_tiny_model
+
+    folder = ctx.tmp / "my-notes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    try:
+        make_tiny_model(folder)
+    finally:
+        assert (folder / "notes.txt").read_text() == "mine" and sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def _adapter_over_model(ctx: Ctx) -> None:
+    from kubetune.steps import TrainJob, train
+
+    model = ctx.request.getfixturevalue("quantized_model_dir")
+    before = sorted(p.name for p in Path(model).iterdir())
+    try:
+        train(TrainJob(model, str(ctx.tmp / "train.parquet"), model, checkpoint_dir=str(ctx.tmp / "ckpt")))
+    finally:
+        assert sorted(p.name for p in Path(model).iterdir()) == before
+
+
+def _same_split_paths(ctx: Ctx) -> None:
+    from kubetune.steps import prepare
+
+    prepare(DataConfig(), ctx.tiny_model, str(ctx.out / "data.parquet"), str(ctx.out / "data.parquet"))
+
+
+def _write_dir(path: Path, *, file_first: bool) -> None:
+    from kubetune.storage import atomic_dir
+
+    if file_first:
+        path.write_text("the user's file")
+    try:
+        with atomic_dir(path):
+            pass
+    finally:
+        assert path.read_text() == "the user's file"
+
+
+def _tokenizer_without_files(ctx: Ctx) -> None:
+    from kubetune.modeling import load_tokenizer
+
+    tiny = Path(ctx.tiny_model)
+    keep = {"config.json", "generation_config.json", "model.safetensors"}
+    load_tokenizer(ctx.model_dir("no-tokenizer", {p.name: p.read_bytes() for p in tiny.iterdir() if p.name in keep}))
+
+
 @dataclass
 class Bad:
     name: str
@@ -233,6 +282,34 @@ CASES = [
         r"3 problems:\n.*eval_fraction=2.0 .*length_policy='trunc' .*lora_r=0", r"0\.1.*drop, truncate.*8, 16"),
     # tracking
     Bad("MLflow URI that is not a URI", _tracking_uri, r"'mlflow.example.com:5000' is not a URI", r"http\(s\)://"),
+    # round two: never destroy the user's data
+    Bad("tiny model over a folder of the user's", _tiny_model_over_user_files,
+        r"already holds files that kubetune did not write", r"choose a new output path"),
+    Bad("adapter written over the model it trains", _adapter_over_model,
+        r"output adapter .* overlaps input model", r"give adapter a path of its own"),
+    Bad("train and eval sets at one path", _same_split_paths,
+        r"outputs train_data and eval_data are the same path", r"different paths"),
+    Bad("folder output over a file", lambda c: _write_dir(c.tmp / "a-file", file_first=True),
+        r"is an existing file, and this output is a folder", r"choose a new output path"),
+    # round two: no training on garbage
+    Bad("model folder without tokenizer files", _tokenizer_without_files,
+        r"has 1 token\(s\): the model has no tokenizer files", r"copy the base model's tokenizer files"),
+    Bad("max_samples leaving no eval rows", lambda c: c.prep("kubetune://tcm-demo", max_samples=1),
+        r"1 row\(s\) are left after cleaning and max_samples: training and evaluation need at least one row each",
+        r"raise max_samples"),
+    # round two: every setting checked up front
+    Bad("learning rate not a number", lambda c: TrainConfig(learning_rate=float("nan")).validate(),
+        r"learning_rate=nan is not a finite number", r"finite value"),
+    Bad("infinite epochs", lambda c: TrainConfig(num_epochs=float("inf")).validate(),
+        r"num_epochs=inf is not a finite number", r"finite value"),
+    Bad("negative seed", lambda c: DataConfig(seed=-1).validate(), r"seed=-1 is negative", r"42"),
+    Bad("unknown scheduler", lambda c: TrainConfig(lr_scheduler="cosinus").validate(),
+        r"lr_scheduler='cosinus' is not one of linear, cosine", r"set lr_scheduler"),
+    Bad("absurd LoRA rank", lambda c: LoraSettings(lora_r=100000).validate(),
+        r"lora_r=100000 is far larger than any useful LoRA rank", r"at most 2048"),
+    Bad("tracking URI without a scheme, as a parameter",
+        lambda c: validate_parameters({"mlflow_tracking_uri": "mlflow.example.com:5000"}),
+        r"mlflow_tracking_uri has no scheme", r"http\(s\)://host:port"),
 ]
 
 

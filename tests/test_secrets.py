@@ -30,6 +30,7 @@ SECRETS = {
     "HF_TOKEN": "kt-hf-5ecret-0001",
     "MLFLOW_TRACKING_PASSWORD": "kt-mlflow-pw-0002",
     "AWS_SECRET_ACCESS_KEY": "kt-aws-5ecret/0003+x",
+    "KT_API_KEY": "s3cr3t",  # short: one redaction policy for datasets, logs, reports and MLflow alike
 }
 PERSONA = f"You are a careful TCM physician (key {SECRETS['HF_TOKEN']}, {SECRETS['AWS_SECRET_ACCESS_KEY']})."
 REPO = Path(__file__).resolve().parents[1]
@@ -72,18 +73,23 @@ def test_local_run_logs_and_outputs_hold_no_secret(planted, tmp_path, capfd, cap
     rows = SAMPLE.read_text(encoding="utf-8").splitlines()[:40]
     rows.append(json.dumps({"instruction": "How do I log in?",
                             "output": f"Use the password {SECRETS['MLFLOW_TRACKING_PASSWORD']} on the portal."}))
+    rows.append(json.dumps({"instruction": "And the API?", "output": f"The key is {SECRETS['KT_API_KEY']}."}))
     dataset = tmp_path / "data.jsonl"
     dataset.write_text("\n".join(rows) + "\n", encoding="utf-8")
     workdir = tmp_path / "work"
     caplog.set_level("INFO")
+    probe = f"My token is {SECRETS['HF_TOKEN']}: is it safe?"  # a secret in a probe question, shown in the report
     run_local({"dataset": str(dataset), "persona": PERSONA, "max_length": 256, "max_steps": 2, "save_steps": 0,
-               "max_eval_samples": 4, "max_generation_samples": 2, "max_new_tokens": 8}, workdir)
+               "max_eval_samples": 4, "max_generation_samples": 2, "max_new_tokens": 8,
+               "probe_questions": [probe]}, workdir)
     out, err = capfd.readouterr()
     log = "\n".join([out, err, caplog.text])
 
-    # Logs: the only line with a secret is KFP's echo of the persona parameter, as given, for the prep step.
-    lines = [line for line in log.splitlines() if any(n in line for n in _needles())]
-    assert [line.strip().rstrip(",") for line in lines] == [f'"persona": {json.dumps(PERSONA)}'], lines
+    # Logs: the only lines with a secret are KFP's echoes of the parameters as given (persona for the prep step,
+    # the probe question for evaluation).
+    lines = [line.strip().rstrip(",") for line in log.splitlines() if any(n in line for n in _needles())]
+    assert f'"persona": {json.dumps(PERSONA)}' in lines
+    assert all(line.startswith('"persona"') or json.dumps(probe)[1:-1] in line for line in lines), lines
     assert "prep: the persona holds the value of a secret environment variable" in log
 
     # Every file the run wrote: kfp.local outputs (datasets, model, adapter, report, metadata) and the MLflow store.
@@ -96,7 +102,9 @@ def test_local_run_logs_and_outputs_hold_no_secret(planted, tmp_path, capfd, cap
     artifacts = json.loads((prep / "executor_output.json").read_text())["artifacts"]
     assert artifacts["train_data"]["artifacts"][0]["metadata"]["persona"] == (
         f"You are a careful TCM physician (key {REDACTED}, {REDACTED}).")
-    assert artifacts["stats"]["artifacts"][0]["metadata"]["redacted_secret_rows"] == 1
+    assert artifacts["stats"]["artifacts"][0]["metadata"]["redacted_secret_rows"] == 2
+    report = next(workdir.glob("outputs/*/evaluate-model")) / "report"
+    assert f"My token is {REDACTED}" in report.read_text(encoding="utf-8")
 
 
 def test_compiled_yaml_holds_no_secret(planted, tmp_path, monkeypatch):

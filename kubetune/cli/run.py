@@ -16,6 +16,7 @@ from kubetune.cli.params import parse_params
 from kubetune.config import validate_parameters
 from kubetune.errors import KubetuneError
 from kubetune.pipelines import finetune_pipeline
+from kubetune.secrets import without_credentials
 from kubetune.tiny import ensure_tiny_model
 from kubetune.tracking import default_local_uri
 
@@ -41,7 +42,11 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
     params = dict(params)
     if "base_model" not in params:
         params = {**LOCAL_DEFAULTS, **params, "base_model": ensure_tiny_model(workdir / "tiny-model")}
-    params.setdefault("mlflow_tracking_uri", os.environ.get("MLFLOW_TRACKING_URI") or default_local_uri(workdir))
+    # A server in the environment stays there (the steps inherit it): never copied into a parameter, which the
+    # step logs print.
+    if not params.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        params["mlflow_tracking_uri"] = default_local_uri(workdir)
+    tracking_uri = params.get("mlflow_tracking_uri") or os.environ["MLFLOW_TRACKING_URI"].strip()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "outputs"),
                raise_on_error=True)
     try:
@@ -59,7 +64,7 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
         "adapter": adapter.path,
         "report": report.path,
         "mlflow_run_id": adapter.metadata.get("mlflow_run_id", ""),
-        "mlflow_tracking_uri": params["mlflow_tracking_uri"],
+        "mlflow_tracking_uri": without_credentials(tracking_uri),
         "mlflow_experiment": params.get("mlflow_experiment", "kubetune"),
         "base_model": params["base_model"],
     }

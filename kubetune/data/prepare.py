@@ -7,7 +7,7 @@ A sample truncated to ``max_length`` keeps its prompt and the first completion t
 the answer does not end there. Working files go to a temporary folder (set TMPDIR for very large data).
 
 Secrets: the values of secret environment variables (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ...; see
-:func:`secret_values_in_env`) are replaced by ``***`` in the persona and in every prompt and answer, so a token
+:func:`kubetune.secrets.secret_values`, the one policy of every writer) are replaced by ``***`` in the persona and in every prompt and answer, so a token
 that slipped into the data or a parameter is neither written to the prepared files nor learned by the model.
 The rows where that happened are counted (``redacted_secret_rows``), and ``config.persona`` is redacted in place,
 so whatever records the settings afterwards (artifact metadata, MLflow params, evaluation's probe prompts) holds
@@ -35,7 +35,7 @@ from kubetune.data.reading import read_raw
 from kubetune.data.render import Renderer, prepared_features, special_prefix
 from kubetune.data.sources import resolve_source
 from kubetune.errors import KubetuneError
-from kubetune.secrets import REDACTED, redact_secrets, secret_values_in_env
+from kubetune.secrets import REDACTED, redact_values, secret_values
 from kubetune.storage import atomic_file
 
 if TYPE_CHECKING:
@@ -68,8 +68,8 @@ def prepare_dataset(config: DataConfig, tokenizer: Any, train_path: str, eval_pa
     _check_tokenizer(config, tokenizer)
     started = time.perf_counter()
     source = resolve_source(config.dataset)
-    secrets = secret_values_in_env()
-    persona = redact_secrets(config.persona, secrets)
+    secrets = secret_values()
+    persona = redact_values(config.persona, secrets)
     if persona != config.persona:
         log.warning("prep: the persona holds the value of a secret environment variable; it is replaced by %s",
                     REDACTED)
@@ -269,6 +269,12 @@ def _split(kept: np.ndarray, config: DataConfig) -> tuple[np.ndarray, np.ndarray
     rows = kept
     if 0 < config.max_samples < rows.size:
         rows = np.sort(rng.permutation(rows)[: config.max_samples])
+    if rows.size < 2:
+        raise KubetuneError(
+            f"{rows.size} row(s) are left after cleaning{' and max_samples' if config.max_samples else ''}: "
+            "training and evaluation need at least one row each",
+            "raise max_samples (0 = all rows), or use a dataset with more usable rows",
+        )
     n_eval = max(1, round(rows.size * config.eval_fraction))
     if config.max_eval_samples:
         n_eval = min(n_eval, config.max_eval_samples)

@@ -18,7 +18,7 @@ from typing import Any
 from kubetune.config import DataConfig
 from kubetune.data.formats import ROLE_ALIASES
 from kubetune.prompts import expert_prompt
-from kubetune.secrets import redact_secrets
+from kubetune.secrets import redact_values
 
 
 class Renderer:
@@ -92,7 +92,7 @@ class Renderer:
                 prompt, answer = "", ""
                 errors.append(f"row {index}: {error}")
             if self.secrets:
-                clean_prompt, clean_answer = redact_secrets(prompt, self.secrets), redact_secrets(answer, self.secrets)
+                clean_prompt, clean_answer = redact_values(prompt, self.secrets), redact_values(answer, self.secrets)
                 # a row's own system message may carry one; the persona's (already redacted) does not count
                 redacted.append(int(clean_prompt != prompt or clean_answer != answer))
                 prompt, answer = clean_prompt, clean_answer
