@@ -118,8 +118,8 @@ def load_tokenizer(source: str, *, revision: str | None = None, trust_remote_cod
             "check the model id and revision, network access to the hub (HF_TOKEN for gated models), "
             "or point base_model at a local directory with tokenizer files",
         ) from exc
-    except ValueError as exc:
-        _raise_if_remote_code(exc, resolved)
+    except Exception as exc:  # noqa: BLE001 - mapped to a clear error where recognised, else re-raised
+        _raise_for_model(exc, resolved)
         raise
     if len(tokenizer) < MIN_VOCABULARY:  # transformers builds an empty tokenizer from a folder without its files
         raise KubetuneError(
@@ -215,8 +215,8 @@ def quantize_model(
             f"could not load model weights from {resolved.describe()}: {str(exc).splitlines()[0]}",
             "check the model id/revision and hub access, or that the directory holds *.safetensors weights",
         ) from exc
-    except ValueError as exc:
-        _raise_if_remote_code(exc, resolved)
+    except Exception as exc:  # noqa: BLE001 - mapped to a clear error where recognised, else re-raised
+        _raise_for_model(exc, resolved)
         raise
     commit = getattr(model.config, "_commit_hash", None)
     metadata: dict[str, Any] = {
@@ -278,12 +278,38 @@ def load_model(
             use_safetensors=True,
             config=config,
         )
-    except ValueError as exc:
-        _raise_if_remote_code(exc, resolved)
+    except Exception as exc:  # noqa: BLE001 - mapped to a clear error where recognised, else re-raised
+        _raise_for_model(exc, resolved)
         raise
 
 
-def _raise_if_remote_code(exc: ValueError, resolved: ModelSource) -> None:
+def _raise_for_model(exc: Exception, resolved: ModelSource) -> None:
+    """Turn what transformers and safetensors raise for a model that cannot be loaded into one error naming the
+    model and the fix: code it would have to run, an architecture it does not know, damaged or mismatched weights.
+    Anything else is left to propagate."""
+    _raise_if_remote_code(exc, resolved)
+    text = str(exc)
+    if "does not recognize this architecture" in text or "Unrecognized model" in text:
+        raise KubetuneError(
+            f"model {resolved.describe()} has a model_type that this transformers ({_transformers_version()}) does "
+            "not know",
+            "check model_type in its config.json, or use a model of an architecture transformers ships",
+        ) from None
+    if type(exc).__name__ == "SafetensorError":
+        raise KubetuneError(f"the weights of {resolved.describe()} are damaged or incomplete: {text[:200]}",
+                            "copy or download the model again (a transfer may have been cut short)") from None
+    if "size mismatch" in text:
+        raise KubetuneError(f"the weights of {resolved.describe()} do not match its config.json: {text[:300]}",
+                            "use the config.json that was saved with these weights") from None
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _raise_if_remote_code(exc: Exception, resolved: ModelSource) -> None:
     """transformers refuses a model that ships its own Python code unless trust_remote_code is on: say so."""
     if "trust_remote_code" in str(exc):
         raise KubetuneError(

@@ -154,6 +154,25 @@ def _columns(ctx: Ctx) -> None:
     parse_columns("instruction")
 
 
+def _tiny_copy(ctx: Ctx, name: str, *, truncate: str = "", config: dict | None = None) -> str:
+    tiny = Path(ctx.tiny_model)
+    files = {p.name: p.read_bytes() for p in tiny.iterdir() if p.is_file() and p.name != "config.json"}
+    if truncate:
+        files[truncate] = files[truncate][:1000]
+    return ctx.model_dir(name, files, config)
+
+
+def _write(ctx: Ctx, name: str, text: str) -> str:
+    (ctx.tmp / name).write_text(text, encoding="utf-8")
+    return str(ctx.tmp / name)
+
+
+def _self_link(ctx: Ctx) -> None:
+    link = ctx.tmp / "loop.jsonl"
+    link.symlink_to(link)
+    ctx.prep(str(link))
+
+
 def _tiny_model_over_user_files(ctx: Ctx) -> None:
     from kubetune.tiny import make_tiny_model
 
@@ -307,6 +326,14 @@ CASES = [
         r"lr_scheduler='cosinus' is not one of linear, cosine", r"set lr_scheduler"),
     Bad("absurd LoRA rank", lambda c: LoraSettings(lora_r=100000).validate(),
         r"lora_r=100000 is far larger than any useful LoRA rank", r"at most 2048"),
+    # round two: broken files and places, one error each
+    Bad("truncated safetensors", lambda c: c.quantize(_tiny_copy(c, "truncated", truncate="model.safetensors")),
+        r"the weights of .*truncated are damaged or incomplete", r"copy or download the model again"),
+    Bad("unknown model_type", lambda c: c.quantize(_tiny_copy(c, "unknown-type", config={"model_type": "no_such"})),
+        r"has a model_type that this transformers .* does not know", r"check model_type in its config\.json"),
+    Bad("duplicate CSV header", lambda c: c.prep(_write(c, "dup.csv", "instruction,output,output\na,b,c\nd,e,f\n")),
+        r"dup\.csv: the header names column\(s\) output more than once", r"a name of its own"),
+    Bad("dataset link to itself", _self_link, r"is a link that leads nowhere", r"point dataset at the real file"),
     Bad("tracking URI without a scheme, as a parameter",
         lambda c: validate_parameters({"mlflow_tracking_uri": "mlflow.example.com:5000"}),
         r"mlflow_tracking_uri has no scheme", r"http\(s\)://host:port"),
@@ -382,8 +409,9 @@ def test_unreachable_mlflow_is_reported_at_the_end_not_raised(monkeypatch):
         (["run", "--local", "--param", "nope=1"], r"unknown pipeline parameter 'nope'\n  Fix: use one of: .*lora_r"),
         (["run", "--local", "--param", "lora_r"], r"--param 'lora_r' has no '='"),
         (["run", "--param", "lora_r=8"], r"run needs --local"),
+        (["run", "--local", "--param", "lora_r=8", "--param", "lora_r=4"], r"--param lora_r is given twice"),
     ],
-    ids=["integer", "number", "boolean", "unknown", "no-equals", "no-local"],
+    ids=["integer", "number", "boolean", "unknown", "no-equals", "no-local", "twice"],
 )
 def test_bad_cli_parameters_exit_2_with_the_fix(argv, message, capsys, tmp_path, monkeypatch):
     from kubetune.cli import main

@@ -39,6 +39,9 @@ def parse_params(pairs: list[str]) -> dict[str, Any]:
         if name not in types:
             problems.append((f"unknown pipeline parameter {name!r}", f"use one of: {', '.join(sorted(types))}"))
             continue
+        if name in values:
+            problems.append((f"--param {name} is given twice", f"give {name} once"))
+            continue
         try:
             values[name] = _convert(raw, types[name])
         except ValueError:

@@ -265,6 +265,19 @@ def _check_arrow_types(dataset: datasets.Dataset, layout: Layout) -> None:
             )
 
 
+def _check_csv_headers(files: list[str]) -> None:
+    """A column named twice would be renamed by the CSV reader ("output.1") and silently left out."""
+    import csv
+
+    for file in files:
+        with open(file, newline="", encoding="utf-8-sig", errors="replace") as handle:
+            header = next(csv.reader(handle), [])
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise KubetuneError(f"{file}: the header names column(s) {', '.join(twice)} more than once",
+                                "give every column of the CSV header a name of its own")
+
+
 def _read_with_datasets(
     source: Source, config: DataConfig, scratch: str
 ) -> tuple[datasets.Dataset, Layout]:
@@ -275,6 +288,7 @@ def _read_with_datasets(
         if source.hub_id:
             dataset = datasets.load_dataset(source.hub_id, split=config.dataset_split)
         elif source.extension == ".csv":
+            _check_csv_headers(files)
             # keep_default_na=False: an empty cell is "", not a float NaN that turns a text column numeric
             dataset = datasets.load_dataset(
                 "csv", data_files=files, split="train", cache_dir=scratch, keep_default_na=False

@@ -141,6 +141,11 @@ def resolve_source(dataset: str) -> Source:
     elif scheme:
         return _remote_source(dataset, scheme)
     path = Path(dataset).expanduser()
+    try:
+        path.resolve(strict=path.is_symlink())
+    except (RuntimeError, OSError) as exc:  # a link to itself, or a chain of links that never ends
+        raise KubetuneError(f"dataset {dataset} is a link that leads nowhere ({exc})",
+                            "point dataset at the real file or folder") from None
     if path.is_file():
         return Source(dataset, (str(path),), _file_extension(path.name))
     if path.is_dir():
