@@ -26,6 +26,8 @@ LrScheduler = Literal[
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
     "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy",
 ]
+TRACKING_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+"""URI schemes of MLflow tracking stores."""
 MAX_LORA_RANK = 2048  # far above any useful rank; a typo like 100000 would try to allocate hundreds of GB
 
 DEFAULT_PERSONA = (
@@ -318,11 +320,23 @@ class RunConfig:
         problems: list[tuple[str, str]] = []
         if not self.base_model.strip():
             problems.append(("base_model is empty", "pass a local model directory or a hub id"))
-        uri = self.mlflow_tracking_uri.strip()
-        if uri and "://" not in uri and not uri.startswith("databricks"):
-            problems.append(("mlflow_tracking_uri has no scheme (http://, https://, sqlite:///...)",
-                             "use http(s)://host:port for a tracking server or sqlite:////abs/path/mlflow.db"))
+        problems += tracking_uri_problems(self.mlflow_tracking_uri)
         return problems
+
+
+def tracking_uri_problems(uri: str) -> list[tuple[str, str]]:
+    """An MLflow tracking URI needs a scheme MLflow can store runs in (checked before anything runs)."""
+    uri = uri.strip()
+    fix = "use http(s)://host:port for a tracking server or sqlite:////abs/path/mlflow.db"
+    if not uri or uri.startswith("databricks"):
+        return []
+    if "://" not in uri:
+        return [("mlflow_tracking_uri has no scheme (http://, https://, sqlite:///...)", fix)]
+    scheme = uri.split("://", 1)[0].lower().split("+", 1)[0]
+    if scheme not in TRACKING_SCHEMES:
+        return [(f"mlflow_tracking_uri has the scheme {scheme}://, which MLflow cannot store runs in",
+                 f"{fix} (MLflow stores: {', '.join(TRACKING_SCHEMES)})")]
+    return []
 
 
 CONFIGS: tuple[type, ...] = (RunConfig, DataConfig, QuantConfig, LoraSettings, TrainConfig, EvalConfig)

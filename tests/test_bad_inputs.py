@@ -142,10 +142,10 @@ def _check_adapter(ctx: Ctx) -> None:
     check_adapter_dir(str(ctx.tmp / "adapter"))
 
 
-def _tracking_uri(ctx: Ctx) -> None:
+def _tracking_uri(ctx: Ctx, uri: str = "mlflow.example.com:5000") -> None:
     from kubetune.tracking import resolve_tracking_uri
 
-    resolve_tracking_uri("mlflow.example.com:5000")
+    resolve_tracking_uri(uri)
 
 
 def _columns(ctx: Ctx) -> None:
@@ -300,7 +300,9 @@ CASES = [
         lambda c: validate_parameters({"lora_r": 0, "eval_fraction": 2.0, "length_policy": "trunc", "seed": 1}),
         r"3 problems:\n.*eval_fraction=2.0 .*length_policy='trunc' .*lora_r=0", r"0\.1.*drop, truncate.*8, 16"),
     # tracking
-    Bad("MLflow URI that is not a URI", _tracking_uri, r"'mlflow.example.com:5000' is not a URI", r"http\(s\)://"),
+    Bad("MLflow URI that is not a URI", _tracking_uri, r"has no scheme .*'mlflow.example.com:5000'", r"http\(s\)://"),
+    Bad("MLflow URI of a scheme MLflow cannot store in", lambda c: _tracking_uri(c, "ftp://files.example.com/mlflow"),
+        r"the scheme ftp://, which MLflow cannot store runs in", r"MLflow stores: http, https, sqlite"),
     # round two: never destroy the user's data
     Bad("tiny model over a folder of the user's", _tiny_model_over_user_files,
         r"already holds files that kubetune did not write", r"choose a new output path"),

@@ -13,6 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from kubetune.config import tracking_uri_problems
 from kubetune.errors import KubetuneError
 from kubetune.secrets import redact
 
@@ -55,11 +56,10 @@ def resolve_tracking_uri(explicit: str = "", *, required: bool = True, store_dir
                 NO_SERVER_FIX,
             )
         return default_local_uri(store_dir)
-    if "://" not in uri and not uri.startswith("databricks"):
-        raise KubetuneError(
-            f"mlflow_tracking_uri {redact(uri)!r} is not a URI",
-            "use http(s)://host:port for a tracking server or sqlite:////abs/path/mlflow.db for a local store",
-        )
+    problems = tracking_uri_problems(uri)
+    if problems:
+        problem, fix = problems[0]
+        raise KubetuneError(f"{problem}: {redact(uri)!r}", fix)
     return uri
 
 
