@@ -73,6 +73,25 @@ def last_complete_checkpoint(checkpoint_dir: str) -> str | None:
     return str(max(candidates)[1]) if candidates else None
 
 
+def check_checkpoint_settings(checkpoint: str | None, lora: LoraSettings) -> None:
+    """A checkpoint of other LoRA settings cannot be resumed (its tensors have other shapes): say so, rather than
+    failing inside the trainer with a size mismatch."""
+    if not checkpoint:
+        return
+    try:
+        saved = json.loads((Path(checkpoint) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    differ = [f"{name}={saved.get(key)} there, {value} now" for name, key, value in
+              (("lora_r", "r", lora.lora_r), ("lora_alpha", "lora_alpha", lora.lora_alpha))
+              if saved.get(key) is not None and saved.get(key) != value]
+    if differ:
+        raise KubetuneError(
+            f"the checkpoints in {Path(checkpoint).parent} belong to a run with other LoRA settings ({'; '.join(differ)})",
+            "give this run a checkpoint_dir of its own, or resume with the settings those checkpoints were made with",
+        )
+
+
 def _step_callback(sink: MetricsSink | None, started: list[float]):
     import torch
     from transformers import TrainerCallback
@@ -202,6 +221,7 @@ def train_lora(
 
     lora.validate()
     train.validate()
+    check_checkpoint_settings(last_complete_checkpoint(checkpoint_dir), lora)  # before the model is loaded
     model_meta = read_model_metadata(model_dir)
     tokenizer = load_tokenizer(model_dir, trust_remote_code=train.trust_remote_code)
     world = int(os.environ.get("WORLD_SIZE", "1"))

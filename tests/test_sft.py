@@ -58,6 +58,11 @@ def test_training_resumes_from_the_last_complete_checkpoint(quantized_model_dir,
     assert result.resumed_from_step == 4
     assert result.metrics["global_step"] == 6
     assert min(row["step"] for row in result.history) > 4
+    # The same checkpoints with another rank: one clear error before the model is loaded, not a size mismatch.
+    with pytest.raises(KubetuneError, match=r"belong to a run with other LoRA settings \(lora_r=4 there, 8 now\)"):
+        train_lora(quantized_model_dir, str(prepared / "train.parquet"), str(tmp_path / "third"),
+                   train=TrainConfig(max_steps=8, save_steps=2), **{**common, "lora": LoraSettings(lora_r=8)})
+    assert not (tmp_path / "third").exists()
 
 
 def test_target_modules_matching_nothing_list_the_candidates(quantized_model_dir, prepared, tmp_path):
