@@ -29,8 +29,8 @@ from kubetune.modeling import load_tokenizer, quantize_model, read_model_metadat
 from kubetune.plots import plot_base_vs_tuned, plot_loss_curves
 from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
-from kubetune.sft import train_lora
-from kubetune.storage import check_outputs, file_sha256
+from kubetune.sft import last_complete_checkpoint, train_lora
+from kubetune.storage import atomic_file, check_outputs, file_sha256
 from kubetune.tracking import (
     DATASET_HASH_TAG,
     KFP_RUN_ID_TAG,
@@ -198,7 +198,6 @@ def train_here(job: TrainJob) -> dict[str, Any]:
     """
     import torch
 
-
     lora, train_config, tracking, max_length = job.lora, job.train, job.tracking, job.max_length
     check_outputs({"model": job.model_dir, "train_data": job.train_path},
                   {"adapter": job.adapter_dir, "checkpoint_dir": job.checkpoint_dir})
@@ -208,7 +207,10 @@ def train_here(job: TrainJob) -> dict[str, Any]:
     model_metadata, data_metadata = job.model_metadata, job.data_metadata
     dataset_sha256 = file_sha256(job.train_path) if is_rank_zero else ""
     if is_rank_zero:
-        tracker.try_open(**tracking.open_kwargs())
+        # A run resumed from checkpoints continues the MLflow run those checkpoints were logged to.
+        tracker.run_id = tracker.run_id or _checkpoint_run(job.checkpoint_dir, tracker.tracking_uri)
+        if tracker.try_open(**tracking.open_kwargs()):
+            _record_checkpoint_run(job.checkpoint_dir, tracker)
         tracker.log_params(
             {
                 "data": {
@@ -263,6 +265,29 @@ def train_here(job: TrainJob) -> dict[str, Any]:
         without_credentials(tracker.tracking_uri),
         "tracking_report": report,
     }
+
+
+CHECKPOINT_RUN_FILE = "kubetune_mlflow_run.json"
+
+
+def _checkpoint_run(checkpoint_dir: str, tracking_uri: str) -> str:
+    """The MLflow run an earlier attempt logged these checkpoints to (in the same store), or ""."""
+    try:
+        recorded = json.loads((Path(checkpoint_dir) / CHECKPOINT_RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if recorded.get("tracking_uri") != without_credentials(tracking_uri) or not last_complete_checkpoint(
+            checkpoint_dir):
+        return ""
+    return str(recorded.get("run_id", ""))
+
+
+def _record_checkpoint_run(checkpoint_dir: str, tracker: Tracker) -> None:
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    with atomic_file(Path(checkpoint_dir) / CHECKPOINT_RUN_FILE) as staging:
+        Path(staging).write_text(json.dumps({"run_id": tracker.run_id,
+                                             "tracking_uri": without_credentials(tracker.tracking_uri)}),
+                                 encoding="utf-8")
 
 
 def _data_stats(data_metadata: dict[str, Any]) -> dict[str, Any]:

@@ -143,6 +143,40 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes(quantized_model_dir, prep
 
 
 @pytest.mark.slow
+def test_rerunning_a_killed_local_run_resumes_it(tmp_path):
+    """`kubetune run --local`, killed during training, then the same command again: training resumes from the
+    workdir's checkpoints and continues the same MLflow run, which ends FINISHED; the checkpoints are cleared."""
+    from mlflow import MlflowClient
+
+    workdir = tmp_path / "work"
+    argv = [sys.executable, "-m", "kubetune.cli", "run", "--local", "--workdir", str(workdir), "--param",
+            "max_steps=10", "--param", "save_steps=2", "--param", "max_generation_samples=2", "--param",
+            "max_new_tokens=4"]
+    log = tmp_path / "first.log"
+    with log.open("wb") as out:
+        first = subprocess.Popen(argv, cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        _wait_for(lambda: any(last_complete_checkpoint(str(d)) for d in workdir.glob("checkpoints/*")),
+                  "a complete checkpoint", first, log)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    second = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=WAIT_S)
+    assert second.returncode == 0, second.stderr[-4000:]
+    summary = json.loads(second.stdout.strip().splitlines()[-1])
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    [run] = client.search_runs([client.get_experiment_by_name("kubetune").experiment_id])
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.data.metrics["sft.resumed_from_step"] >= 2
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train.loss"))
+    assert steps[-1] == 10 and set(range(1, 11)) <= set(steps)  # one history, both attempts
+    assert not list(workdir.glob("checkpoints/*"))
+
+
+@pytest.mark.slow
 def test_kfp_local_retry_resumes_after_a_kill(quantized_model_dir, prepared, tmp_path, caplog):
     """The real train_lora component with set_retry in a kfp.local run: its first attempt's process is SIGKILLed
     from outside once a checkpoint is complete; kfp.local retries the task, which resumes from that checkpoint."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,13 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
     if not params.get("mlflow_tracking_uri") and not os.environ.get("MLFLOW_TRACKING_URI", "").strip():
         params["mlflow_tracking_uri"] = default_local_uri(workdir)
     tracking_uri = params.get("mlflow_tracking_uri") or os.environ["MLFLOW_TRACKING_URI"].strip()
+    # Checkpoints in the workdir, one folder per set of parameters: running the same command again after a kill
+    # resumes training (and its MLflow run) instead of starting over. Removed once the run has finished.
+    checkpoints = None
+    if not params.get("checkpoint_dir"):
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        checkpoints = workdir / "checkpoints" / digest
+        params["checkpoint_dir"] = str(checkpoints)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "outputs"),
                raise_on_error=True)
     try:
@@ -59,6 +68,8 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
             f"the local pipeline failed: {plain}",
             "read the failed step's log above: it ends with the step's own error and its fix",
         ) from None
+    if checkpoints is not None:
+        shutil.rmtree(checkpoints, ignore_errors=True)
     adapter, report = task.outputs["adapter"], task.outputs["report"]
     return {
         "adapter": adapter.path,
