@@ -317,6 +317,8 @@ CONFIGS = {
     "kubetune_16k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, batch_tokens=16384),
     "lean_4k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True, batch_tokens=4096),
     "lean_8k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True, batch_tokens=8192),
+    "lean_10k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True, batch_tokens=10240),
+    "lean_12k": lambda bf16, nf4, rows, steps: run_kubetune(nf4, rows, steps, lean=True, batch_tokens=12288),
 }
 
 
