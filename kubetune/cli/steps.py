@@ -169,6 +169,13 @@ MODEL = ("base_model", "model_revision")
 TRACKING = ("mlflow_tracking_uri", "mlflow_experiment", "mlflow_required")
 
 
+def _tracked_outputs(parser: argparse.ArgumentParser, main_output: str) -> None:
+    """The outputs a tracked step writes beside its main one: metrics JSON and the MLflow store (or note)."""
+    _path(parser, "metrics", f"output: metrics JSON (default: <{main_output}>.metrics.json)", required=False)
+    _path(parser, "mlflow_store", "output: the MLflow store without a server, else a note "
+          f"(default: <{main_output}>.mlflow)", required=False)
+
+
 def _run_flags(parser: argparse.ArgumentParser) -> None:
     add_setting_flags(parser, TRACKING, "MLflow")
     add_flag(parser, "kfp_run_id", "",
@@ -199,9 +206,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(train, "model", "input: the quantized model directory (from quantize)")
     _path(train, "train_data", "input: the prepared training set (from prep)")
     _path(train, "adapter", "output: the LoRA adapter directory")
-    _path(train, "metrics", "output: metrics JSON (default: <adapter>.metrics.json)", required=False)
-    _path(train, "mlflow_store", "output: the MLflow store without a server, else a note (default: <adapter>.mlflow)",
-          required=False)
+    _tracked_outputs(train, "adapter")
     add_setting_flags(train, ("checkpoint_dir",))
     add_flag(train, "checkpoint_root", "", "Volume directory for per-run checkpoints")
     add_flag(train, "max_length", 0, "Maximum tokens per sample; 0 = the value prep recorded in the data's metadata")
@@ -219,9 +224,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(ev, "adapter", "input: the LoRA adapter directory (from train)")
     _path(ev, "eval_data", "input: the held-out set (from prep)")
     _path(ev, "report", "output: the HTML report")
-    _path(ev, "metrics", "output: metrics JSON (default: <report>.metrics.json)", required=False)
-    _path(ev, "mlflow_store", "output: the MLflow store without a server, else a note (default: <report>.mlflow)",
-          required=False)
+    _tracked_outputs(ev, "report")
     _path(ev, "training_mlflow_store", "input: train's mlflow_store (default: <adapter>.mlflow)", required=False)
     add_setting_flags(ev, ("trust_remote_code",))
     add_config_flags(ev, EvalConfig)
