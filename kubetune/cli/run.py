@@ -19,6 +19,7 @@ from kubetune.config import validate_parameters
 from kubetune.errors import KubetuneError
 from kubetune.pipelines import finetune_pipeline
 from kubetune.secrets import without_credentials
+from kubetune.storage import atomic_file
 from kubetune.tiny import ensure_tiny_model
 from kubetune.tracking import default_local_uri
 
@@ -71,9 +72,13 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     adapter, report = task.outputs["adapter"], task.outputs["report"]
+    # KFP names the artifact "report": a copy with .html opens in a browser as a page, not as source.
+    page = workdir / "report.html"
+    with atomic_file(page) as staging:
+        shutil.copyfile(report.path, staging)
     return {
         "adapter": adapter.path,
-        "report": report.path,
+        "report": str(page),
         "mlflow_run_id": adapter.metadata.get("mlflow_run_id", ""),
         "mlflow_tracking_uri": without_credentials(tracking_uri),
         "mlflow_experiment": params.get("mlflow_experiment", "kubetune"),
