@@ -170,6 +170,13 @@ def test_pipeline_parameters_come_from_the_config():
         assert " ".join((inputs[name].description or "").split()) == known[name].help, name
 
 
+def test_run_help_lists_every_pipeline_parameter(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--help"])
+    shown = capsys.readouterr().out
+    assert all(f"  {name} (default: " in shown for name in PIPELINE_PARAMETERS)
+
+
 # The built-in persona is long: the component takes "" for it (see its docstring), the pipeline passes the text.
 COMPONENT_DEFAULT_EXCEPTIONS = {("prepare_dataset", "persona"): ""}
 

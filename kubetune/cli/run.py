@@ -15,7 +15,7 @@ from typing import Any
 from kfp import local
 
 from kubetune.cli.params import parse_params
-from kubetune.config import validate_parameters
+from kubetune.config import pipeline_settings, validate_parameters
 from kubetune.errors import KubetuneError
 from kubetune.pipelines import finetune_pipeline
 from kubetune.secrets import without_credentials
@@ -100,8 +100,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parameters_help() -> str:
+    """The pipeline parameters, their defaults and what they do: the names --param takes."""
+    lines = ["pipeline parameters (--param NAME=VALUE; the names the Kubeflow UI shows):"]
+    for setting in pipeline_settings():
+        default = json.dumps(setting.default, ensure_ascii=False) if isinstance(setting.default, (list, str)) \
+            else setting.default
+        lines.append(f"  {setting.name} (default: {default}): {setting.help}")
+    lines.append("Without base_model the run uses a tiny random model with demo settings: "
+                 + ", ".join(f"{k}={v}" for k, v in LOCAL_DEFAULTS.items()) + ".")
+    return "\n".join(lines)
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    run = sub.add_parser("run", help="run the whole pipeline locally with kfp.local")
+    run = sub.add_parser("run", help="run the whole pipeline locally with kfp.local", epilog=_parameters_help(),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("--local", action="store_true", help="run here, each step as a subprocess")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter")
     run.add_argument("--workdir", default=LOCAL_WORKDIR, help="outputs, tiny model and MLflow store")
