@@ -17,28 +17,20 @@ import logging
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from kubetune import __version__, distributed
+from kubetune import distributed, records
 from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig, from_dict, to_dict
 from kubetune.data import prepare_dataset
 from kubetune.errors import KubetuneError
 from kubetune.evaluate import evaluate_adapter
 from kubetune.modeling import load_tokenizer, quantize_model, read_model_metadata
-from kubetune.plots import plot_base_vs_tuned, plot_loss_curves
 from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
-from kubetune.sft import last_complete_checkpoint, train_lora
-from kubetune.storage import atomic_file, check_outputs, file_sha256
+from kubetune.sft import train_lora
+from kubetune.storage import check_outputs, file_sha256
 from kubetune.tracking import (
-    DATASET_HASH_TAG,
-    KFP_RUN_ID_TAG,
-    KFP_RUN_NAME_TAG,
-    PIPELINE_VERSION_TAG,
-    Tracker,
     Tracking,
-    write_note,
 )
 
 log = logging.getLogger("kubetune")
@@ -117,28 +109,6 @@ def quantize(base_model: str, output_dir: str, quant: QuantConfig, *, revision: 
     return quantize_model(base_model, output_dir, quant, revision=revision or None, trust_remote_code=trust_remote_code)
 
 
-def _adapter_tags(model_metadata: dict[str, Any], data_metadata: dict[str, Any], dataset_sha256: str,
-                  lora: LoraSettings, tracking: Tracking) -> dict[str, Any]:
-    """What a registered adapter needs to be found and loaded again: its base model, quantization, data."""
-    return {
-        "kubetune.base_model": model_metadata.get("source", ""),
-        "kubetune.base_model_revision": model_metadata.get("resolved_commit") or model_metadata.get("revision", ""),
-        "kubetune.base_model_is_local": model_metadata.get("source_is_local", ""),
-        "kubetune.base_model_sha256": model_metadata.get("source_sha256", ""),
-        "kubetune.quantization": model_metadata.get("quant_quantization", ""),
-        "kubetune.double_quant": model_metadata.get("quant_double_quant", ""),
-        "kubetune.compute_dtype": model_metadata.get("compute_dtype_resolved", ""),
-        "kubetune.dataset": data_metadata.get("dataset", ""),
-        DATASET_HASH_TAG: dataset_sha256,
-        "kubetune.lora_r": lora.lora_r,
-        "kubetune.lora_alpha": lora.lora_alpha,
-        "kubetune.target_modules": lora.target_modules,
-        KFP_RUN_ID_TAG: tracking.kfp_run_id,
-        KFP_RUN_NAME_TAG: tracking.kfp_run_name,
-        PIPELINE_VERSION_TAG: __version__,
-    }
-
-
 @dataclass
 class TrainJob:
     """Everything the SFT step needs: the inputs, the settings and where to track. Serialises itself, so the
@@ -206,11 +176,12 @@ def train_here(job: TrainJob) -> dict[str, Any]:
     tracker = tracking.tracker() if is_rank_zero else None
     model_metadata, data_metadata = job.model_metadata, job.data_metadata
     dataset_sha256 = file_sha256(job.train_path) if is_rank_zero else ""
+    stats = records.data_stats(data_metadata)
     if is_rank_zero:
         # A run resumed from checkpoints continues the MLflow run those checkpoints were logged to.
-        tracker.run_id = tracker.run_id or _checkpoint_run(job.checkpoint_dir, tracker.tracking_uri)
+        tracker.run_id = tracker.run_id or records.checkpoint_run(job.checkpoint_dir, tracker.tracking_uri)
         if tracker.try_open(**tracking.open_kwargs()):
-            _record_checkpoint_run(job.checkpoint_dir, tracker)
+            records.record_checkpoint_run(job.checkpoint_dir, tracker)
         tracker.log_params(
             {
                 "data": {
@@ -221,13 +192,13 @@ def train_here(job: TrainJob) -> dict[str, Any]:
                 "lora": to_dict(lora),
                 "train": {**to_dict(train_config), "max_length": max_length},
                 # Counts and lengths as parameters, not one-point metrics: the metrics page starts with the curves.
-                "data_stats": {k: v for k, v in _data_stats(data_metadata).items() if not _is_timing(k)},
+                "data_stats": {k: v for k, v in stats.items() if not records.is_timing(k)},
             }
         )
-        tracker.log_metrics({k: v for k, v in _data_stats(data_metadata).items() if _is_timing(k)}, prefix="data.")
+        tracker.log_metrics({k: v for k, v in stats.items() if records.is_timing(k)}, prefix="data.")
         tracker.log_dataset(data_metadata.get("dataset", ""), digest=dataset_sha256, context="train",
                             rows=int(data_metadata.get("stat_train_rows", 0)))
-        tracker.set_tags({**_adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
+        tracker.set_tags({**records.adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
                           "kubetune.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"})
     try:
         with tracker.system_metrics() if is_rank_zero else nullcontext():
@@ -239,7 +210,7 @@ def train_here(job: TrainJob) -> dict[str, Any]:
                 train=train_config,
                 max_length=max_length,
                 checkpoint_dir=job.checkpoint_dir,
-                metrics_sink=_step_sink(tracker) if is_rank_zero else None,
+                metrics_sink=records.step_sink(tracker) if is_rank_zero else None,
             )
     except BaseException:
         if is_rank_zero:  # a retry reopens the run (found by the KFP run id) and marks it running again
@@ -252,7 +223,7 @@ def train_here(job: TrainJob) -> dict[str, Any]:
     tracker.log_metrics(result.metrics, prefix="sft.")
     tracker.log_artifact(job.adapter_dir, "adapter")
     report = tracker.finish(timeout_s=120, **tracking.open_kwargs())
-    _note_store(tracking, tracker)
+    records.note_store(tracking, tracker)
     if report:
         log.error(report)
     return {
@@ -265,53 +236,6 @@ def train_here(job: TrainJob) -> dict[str, Any]:
         without_credentials(tracker.tracking_uri),
         "tracking_report": report,
     }
-
-
-CHECKPOINT_RUN_FILE = "kubetune_mlflow_run.json"
-
-
-def _checkpoint_run(checkpoint_dir: str, tracking_uri: str) -> str:
-    """The MLflow run an earlier attempt logged these checkpoints to (in the same store), or ""."""
-    try:
-        recorded = json.loads((Path(checkpoint_dir) / CHECKPOINT_RUN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return ""
-    if recorded.get("tracking_uri") != without_credentials(tracking_uri) or not last_complete_checkpoint(
-            checkpoint_dir):
-        return ""
-    return str(recorded.get("run_id", ""))
-
-
-def _record_checkpoint_run(checkpoint_dir: str, tracker: Tracker) -> None:
-    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    with atomic_file(Path(checkpoint_dir) / CHECKPOINT_RUN_FILE) as staging:
-        Path(staging).write_text(json.dumps({"run_id": tracker.run_id,
-                                             "tracking_uri": without_credentials(tracker.tracking_uri)}),
-                                 encoding="utf-8")
-
-
-def _data_stats(data_metadata: dict[str, Any]) -> dict[str, Any]:
-    """Prep's statistics, which travel in the dataset's metadata as ``stat_*``."""
-    return {k.removeprefix("stat_"): v for k, v in data_metadata.items() if k.startswith("stat_")}
-
-
-def _is_timing(name: str) -> bool:
-    """Prep's speed (seconds, rows per second) varies between identical runs: a measurement, not a setting."""
-    return name.endswith(("_seconds", "_per_s"))
-
-
-def _step_sink(tracker: Tracker):
-    """Per-step training metrics as ``train.*`` series, one point per logging step. The trainer's closing summary
-    (train_loss, train_runtime, ...) is skipped: its totals are logged once as ``sft.*``."""
-
-    def sink(metrics: dict[str, float], step: int) -> None:
-        if "train_loss" in metrics and "loss" not in metrics:
-            return
-        tracker.log_metrics(metrics, step, prefix="train.")
-
-    return sink
-
-
 
 
 def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str, config: EvalConfig, *,
@@ -349,15 +273,15 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
                         rows=int(result.metrics.get("eval_rows", 0)))
     tracker.log_table(result.rows, "eval/answers.json")
     tracker.log_artifact(report_path, "eval", name="report.html")  # KFP names the file "report"; MLflow shows .html
-    _log_plots(tracker, result.metrics)
+    records.log_plots(tracker, result.metrics)
     if tracking.model_name():
-        base_model, base_path = base_reference(read_model_metadata(model_dir))
+        base_model, base_path = records.base_reference(read_model_metadata(model_dir))
         tracker.log_adapter_model(
             result.model, result.tokenizer, base_model=base_model, base_path=base_path, metrics=result.metrics,
             name=tracking.model_name(), generation={"max_new_tokens": config.max_new_tokens, "do_sample": False},
         )
     report = tracker.finish(status="FINISHED", timeout_s=300, **tracking.open_kwargs())
-    _note_store(tracking, tracker)
+    records.note_store(tracking, tracker)
     if report:
         log.error(report)
     return {
@@ -370,41 +294,6 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
     }
 
 
-def base_reference(model_metadata: dict[str, Any]) -> tuple[str, str]:
-    """(the base model as the user named it, a local directory holding it or "") for the logged MLflow model:
-    a directory the user gave (a volume path), else the hub id and its copy in the local hub cache, if any."""
-    source = str(model_metadata.get("source", ""))
-    if source and (Path(source) / "config.json").is_file():
-        return source, str(Path(source).resolve())
-    try:
-        from huggingface_hub import snapshot_download
-
-        revision = model_metadata.get("resolved_commit") or model_metadata.get("revision") or None
-        return source, snapshot_download(source, revision=revision, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached here: MLflow records the hub reference instead
-        return source, ""
-
-
-def _note_store(tracking: Tracking, tracker: Tracker) -> None:
-    """A step that logged to a server says so in its ``mlflow_store`` output (which holds the store otherwise)."""
-    if tracking.store_dir and not tracking.uses_output_store(tracker.tracking_uri):
-        write_note(tracking.store_dir, tracker.tracking_uri, tracker.run_id)
-
-
-def _log_plots(tracker: Tracker, eval_metrics: dict[str, Any]) -> None:
-    """The run's loss curve (from its train.loss history) and base vs tuned eval metrics, as PNG images."""
-    tracker.flush(quiet=True)  # the loss history is read from the server
-    history = tracker.metric_history("train.loss")
-    try:
-        loss_curve = plot_loss_curves({"train.loss": history}, title="Training loss") if history else None
-        base_vs_tuned = plot_base_vs_tuned(eval_metrics)
-    except ImportError as exc:  # matplotlib missing: the numbers are logged, the pictures are not
-        log.warning("plots not logged: %s", exc)
-        return
-    if loss_curve is not None:
-        tracker.log_figure(loss_curve, "plots/loss_curve.png")
-    if base_vs_tuned is not None:
-        tracker.log_figure(base_vs_tuned, "plots/eval_base_vs_tuned.png")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 One pipeline, built by :func:`make_pipeline` from compile-time options (placement profile, images, volume,
 secrets, security). Run-time settings are pipeline parameters, the names the Kubeflow UI shows: their names,
-types, defaults and descriptions come from the config dataclasses (:func:`kubetune.config.pipeline_settings`),
+types, defaults and descriptions come from the config dataclasses (:func:`kubetune.parameters.pipeline_settings`),
 and each step receives the parameters its component declares by the same name. Everything Kubernetes-specific
 here is ignored by kfp.local, so ``kubetune run --local`` runs the same pipeline.
 """
@@ -17,8 +17,8 @@ from kfp.dsl import HTML, Model
 from kubetune.pipelines.placement import Profile, apply_placement, gpu_node_selector_default, load_profile
 from kubetune.pipelines.step_table import STEPS, Step
 
-from kubetune.config import pipeline_settings
 from kubetune.errors import collect
+from kubetune.parameters import pipeline_settings
 from kubetune.secrets import redact, without_credentials
 
 PIPELINE_NAME = "kubetune-finetune"

@@ -14,7 +14,7 @@ from kubetune.pipelines.placement import load_profile, profile_names
 from kubetune.pipelines.step_table import STEP_NAMES, STEPS
 
 from kubetune.cli import build_parser
-from kubetune.config import CONFIGS, PIPELINE_PARAMETERS, settings
+from kubetune.parameters import CONFIGS, PIPELINE_PARAMETERS, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 # Where each import path's files live (see pyproject.toml's package-dir).

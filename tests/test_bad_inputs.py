@@ -20,15 +20,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.config import (
-    DataConfig,
-    EvalConfig,
-    LoraSettings,
-    QuantConfig,
-    TrainConfig,
-    validate_parameters,
-)
+from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig
 from kubetune.errors import KubetuneError
+from kubetune.parameters import validate_parameters
 
 
 @dataclass

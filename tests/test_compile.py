@@ -28,8 +28,8 @@ from kubetune.cli.component_yaml import (
     without_sdk_version,
     yaml_documents,
 )
-from kubetune.config import settings
 from kubetune.errors import KubetuneError
+from kubetune.parameters import settings
 from kubetune.secrets import SECRET_NAME
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -11,8 +11,8 @@ from typing import Any
 
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from kubetune.config import settings
 from kubetune.errors import collect
+from kubetune.parameters import settings
 from kubetune.pipelines import finetune_pipeline
 
 TRUE, FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
@@ -129,7 +129,7 @@ def add_flag(parser, name: str, default: Any, help_text: str, **kwargs: Any) -> 
 
 
 def add_setting_flags(parser, names: typing.Iterable[str], title: str = "") -> None:
-    """One flag per named setting (see :func:`kubetune.config.settings`), with its default and help."""
+    """One flag per named setting (see :func:`kubetune.parameters.settings`), with its default and help."""
     known = settings()
     group = parser.add_argument_group(title) if title else parser
     for name in names:

@@ -15,8 +15,8 @@ from typing import Any
 from kfp import local
 
 from kubetune.cli.params import parse_params
-from kubetune.config import pipeline_settings, validate_parameters
 from kubetune.errors import KubetuneError
+from kubetune.parameters import pipeline_settings, validate_parameters
 from kubetune.pipelines import finetune_pipeline
 from kubetune.secrets import without_credentials
 from kubetune.storage import atomic_file
