@@ -6,6 +6,7 @@ the adapter switched off (``disable_adapter``), so a 7B model is held in GPU mem
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -58,6 +59,11 @@ def check_adapter_dir(adapter_dir: str) -> None:
             f"adapter directory {adapter_dir} has no {' / '.join(missing)} ({where})",
             "point adapter_dir at the directory the training step wrote (PEFT save_pretrained with safetensors)",
         )
+    try:
+        json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise KubetuneError(f"{path / 'adapter_config.json'} is not valid JSON ({exc})",
+                            "restore the adapter from the training step's output (or its MLflow run)") from None
 
 
 def load_eval_rows(eval_path: str):

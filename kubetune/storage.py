@@ -114,6 +114,8 @@ def check_outputs(inputs: dict[str, str | os.PathLike], outputs: dict[str, str |
             if out == source or out in source.parents or source in out.parents:
                 problems.append((f"output {out_name} ({out}) overlaps input {in_name} ({source}): writing it would "
                                  f"destroy what the step reads", f"give {out_name} a path of its own"))
+    for out_name, out in resolved_out.items():
+        problems += _unwritable(out_name, out)
     names = list(resolved_out)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
@@ -121,6 +123,21 @@ def check_outputs(inputs: dict[str, str | os.PathLike], outputs: dict[str, str |
                 problems.append((f"outputs {first} and {second} are the same path ({resolved_out[first]})",
                                  f"give {first} and {second} different paths"))
     collect(problems)
+
+
+def _unwritable(name: str, path: Path) -> list[tuple[str, str]]:
+    """Can ``path`` be created? Checked before the work, not after it."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return []
+    if existing != path and not existing.is_dir():
+        return [(f"output {name} ({path}) cannot be created: {existing} is a file",
+                 f"give {name} a path in a folder")]
+    folder = existing if existing.is_dir() else existing.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return [(f"output {name} ({path}) cannot be written: no permission to write in {folder}",
+                 f"give {name} a path in a folder this user may write to, or fix that folder's permissions")]
+    return []
 
 
 @contextmanager

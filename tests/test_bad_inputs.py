@@ -161,6 +161,29 @@ def _write(ctx: Ctx, name: str, text: str) -> str:
     return str(ctx.tmp / name)
 
 
+def _gzipped_jsonl(ctx: Ctx) -> None:
+    import gzip
+
+    (ctx.tmp / "gz.jsonl").write_bytes(gzip.compress(json.dumps(_alpaca(1)[0]).encode() + b"\n"))
+    ctx.prep(str(ctx.tmp / "gz.jsonl"))
+
+
+def _broken_adapter_config(ctx: Ctx) -> None:
+    from kubetune.evaluate import check_adapter_dir
+
+    (ctx.tmp / "adapter").mkdir()
+    (ctx.tmp / "adapter" / "adapter_model.safetensors").write_bytes(b"")
+    (ctx.tmp / "adapter" / "adapter_config.json").write_text('{"r": 8,')
+    check_adapter_dir(str(ctx.tmp / "adapter"))
+
+
+def _prepare_into(ctx: Ctx, train_path: Path) -> None:
+    from kubetune.steps import prepare
+
+    (ctx.tmp / "a-file").write_text("")
+    prepare(DataConfig(), ctx.tiny_model, str(train_path), str(ctx.out / "eval.parquet"))
+
+
 def _self_link(ctx: Ctx) -> None:
     link = ctx.tmp / "loop.jsonl"
     link.symlink_to(link)
@@ -330,6 +353,11 @@ CASES = [
     Bad("duplicate CSV header", lambda c: c.prep(_write(c, "dup.csv", "instruction,output,output\na,b,c\nd,e,f\n")),
         r"dup\.csv: the header names column\(s\) output more than once", r"a name of its own"),
     Bad("dataset link to itself", _self_link, r"is a link that leads nowhere", r"point dataset at the real file"),
+    Bad("gzip bytes in a .jsonl", _gzipped_jsonl, r"gz\.jsonl is gzip-compressed, not JSON text", r"decompress it first"),
+    Bad("adapter_config.json that is not JSON", _broken_adapter_config,
+        r"adapter_config\.json is not valid JSON", r"restore the adapter"),
+    Bad("output below a file", lambda c: _prepare_into(c, c.tmp / "a-file" / "train.parquet"),
+        r"output train_data .* cannot be created: .*a-file is a file", r"a path in a folder"),
     Bad("tracking URI without a scheme, as a parameter",
         lambda c: validate_parameters({"mlflow_tracking_uri": "mlflow.example.com:5000"}),
         r"mlflow_tracking_uri has no scheme", r"http\(s\)://host:port"),
@@ -393,6 +421,20 @@ def test_unreachable_mlflow_is_reported_at_the_end_not_raised(monkeypatch):
     tracker.log_metrics({"loss": 1.0}, step=1)
     report = tracker.finish(timeout_s=0)
     assert "MLflow tracking incomplete" in report and uri in report and "check the server" in report
+
+
+def test_a_store_that_cannot_be_opened_is_reported_like_an_outage(tmp_path):
+    """A local store under a path that cannot hold one (here: below a file) does not stop the step: the calls are
+    queued and the end report names the store and what to check."""
+    from kubetune.tracking import Tracker
+
+    (tmp_path / "a-file").write_text("")
+    uri = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
+    tracker = Tracker(uri, "unopenable")
+    assert not tracker.try_open(attempts=1)
+    tracker.log_metrics({"loss": 1.0}, step=1)
+    report = tracker.finish(timeout_s=0)
+    assert "MLflow tracking incomplete" in report and uri in report and "writable" in report
 
 
 # -- the command line ------------------------------------------------------------------------------------------

@@ -55,7 +55,11 @@ def _json_type(value: Any) -> str:
 def _iter_json_records(file: str) -> Iterator[tuple[Any, str]]:
     """Yield (record, where) from a .jsonl file, or a .json file holding a list or JSON Lines."""
     with open_binary(file) as handle:
-        head = handle.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+        head = handle.read(4096)
+        if head[:2] == b"\x1f\x8b":
+            raise KubetuneError(f"{file} is gzip-compressed, not JSON text",
+                                f"decompress it first (gunzip -c {file} > data.jsonl) and point dataset at the result")
+        head = head.lstrip(b"\xef\xbb\xbf").lstrip()
         handle.seek(0)
         whole_document = file.lower().endswith(".json") and head[:1] == b"["
         if file.lower().endswith(".json") and head[:1] == b"{":

@@ -98,8 +98,10 @@ class DeliveryQueue:
                 self._staging = None
             return ""
         lost = sorted({what for what, _ in self.pending})
+        check = "that the store's folder exists, is writable and has free space" if \
+            self.tracking_uri.startswith(("sqlite:", "file:")) else "the server and MLFLOW_TRACKING_* credentials"
         return self._redact(
             f"MLflow tracking incomplete: {len(self.pending)} call(s) not delivered ({', '.join(lost)}) to "
             f"{self.tracking_uri}. The step's outputs are complete in the pipeline's artifacts; "
-            f"check the server and MLFLOW_TRACKING_* credentials. Last error: {self.errors[-1] if self.errors else '-'}"
+            f"check {check}. Last error: {self.errors[-1] if self.errors else '-'}"
         )

@@ -76,13 +76,21 @@ class Tracker(DeliveryQueue, SystemMetrics, Registry):
         # Fail over fast: our own queue retries, MLflow's client must not block a step for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        self._client = None
         self.secrets = secret_values()
         self._staging: str | None = None
         # The system metrics thread logs through the same queue as the training loop.
         self._lock = threading.RLock()
+
+    @property
+    def client(self):
+        """The MLflow client, made on first use: inside the outage-tolerant calls, so a store that cannot be
+        opened (a read-only folder, a half-created database) is queued and reported like a server outage."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+        return self._client
 
     # -- run lifecycle -------------------------------------------------------------------------------------
     def open(self, *, run_name: str = "", kfp_run_id: str = "", tags: Mapping[str, str] | None = None) -> str:
