@@ -161,6 +161,16 @@ def _write(ctx: Ctx, name: str, text: str) -> str:
     return str(ctx.tmp / name)
 
 
+def _mixed_folder(ctx: Ctx) -> None:
+    folder = ctx.tmp / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _alpaca(4)))
+    chat = [{"messages": [{"role": "user", "content": f"问{i}"}, {"role": "assistant", "content": f"答{i}"}]}
+            for i in range(4)]
+    (folder / "b.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chat))
+    ctx.prep(str(folder))
+
+
 def _gzipped_jsonl(ctx: Ctx) -> None:
     import gzip
 
@@ -353,6 +363,8 @@ CASES = [
     Bad("duplicate CSV header", lambda c: c.prep(_write(c, "dup.csv", "instruction,output,output\na,b,c\nd,e,f\n")),
         r"dup\.csv: the header names column\(s\) output more than once", r"a name of its own"),
     Bad("dataset link to itself", _self_link, r"is a link that leads nowhere", r"point dataset at the real file"),
+    Bad("a folder mixing formats", _mixed_folder, r"mixes formats: it reads as chat .* no row of a\.jsonl has that column",
+        r"keep one format per folder"),
     Bad("gzip bytes in a .jsonl", _gzipped_jsonl, r"gz\.jsonl is gzip-compressed, not JSON text", r"decompress it first"),
     Bad("adapter_config.json that is not JSON", _broken_adapter_config,
         r"adapter_config\.json is not valid JSON", r"restore the adapter"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -152,8 +153,8 @@ def _messages_value(value: Any, column: str, row: int, where: str) -> list[dict[
 def _read_json(source: Source, config: DataConfig, scratch: str) -> tuple[datasets.Dataset, Layout]:
     import datasets
 
-    records = (item for file in source.files for item in _iter_json_records(file))
-    head: list[tuple[Any, str]] = []
+    records = ((record, where, file) for file in source.files for record, where in _iter_json_records(file))
+    head: list[tuple[Any, str, str]] = []
     for item in records:
         head.append(item)
         if len(head) >= _CHUNK_ROWS:
@@ -161,7 +162,7 @@ def _read_json(source: Source, config: DataConfig, scratch: str) -> tuple[datase
     if not head:
         raise KubetuneError(f"dataset {source.name} has no rows", "point dataset at a non-empty file")
     keys: dict[str, None] = {}
-    for record, where in head:
+    for record, where, _ in head:
         keys.update(dict.fromkeys(_require_object(record, where)))
     layout = detect(config, list(keys), source.name)
     if layout.format == "alpaca" and "input" not in layout.columns and not config.input_column:
@@ -172,6 +173,8 @@ def _read_json(source: Source, config: DataConfig, scratch: str) -> tuple[datase
     )
     path = os.path.join(scratch, "raw.arrow")
     row = 0
+    fitting: dict[str, int] = dict.fromkeys(source.files, 0)  # per file: rows holding the layout's answer column
+    answer = layout.columns.get("messages") or layout.columns.get("output") or layout.columns.get("completion")
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         batch: dict[str, list[Any]] = {c: [] for c in layout.columns}
 
@@ -183,8 +186,9 @@ def _read_json(source: Source, config: DataConfig, scratch: str) -> tuple[datase
                 for values in batch.values():
                     values.clear()
 
-        for record, where in _chain(head, records):
+        for record, where, file in _chain(head, records):
             _require_object(record, where)
+            fitting[file] += answer in record
             for canonical, column in layout.columns.items():
                 value = record.get(column)
                 if canonical == "messages":
@@ -195,7 +199,20 @@ def _read_json(source: Source, config: DataConfig, scratch: str) -> tuple[datase
             if row % _CHUNK_ROWS == 0:
                 flush()
         flush()
+    _check_files_share_the_layout(source, layout, answer, fitting)
     return datasets.Dataset.from_file(path), layout
+
+
+def _check_files_share_the_layout(source: Source, layout: Layout, answer: str, fitting: dict[str, int]) -> None:
+    """A folder whose files hold different formats would lose every row of the other format as "empty"."""
+    strangers = [Path(file).name for file, count in fitting.items() if count == 0]
+    if len(source.files) > 1 and strangers:
+        raise KubetuneError(
+            f"dataset {source.name} mixes formats: it reads as {layout.format} (answers in {answer!r}), but no row "
+            f"of {', '.join(strangers[:5])} has that column",
+            "keep one format per folder (convert the other files, or point dataset at one file), or set "
+            "dataset_format and the *_column settings",
+        )
 
 
 def _require_object(record: Any, where: str) -> dict[str, Any]:
