@@ -189,29 +189,10 @@ def _check_local_store(tracking_uri: str) -> None:
             )
 
 
-def compare_runs(tracking_uri: str, experiments: Sequence[str], metric: str = DEFAULT_METRIC,
-                 mode: Mode | None = None, *, metrics: Sequence[str] = (), include_unfinished: bool = True,
-                 max_runs: int = 1000) -> Comparison:
-    """Read the runs of ``experiments`` from MLflow at ``tracking_uri`` and compare them.
-
-    Args:
-        tracking_uri: The MLflow tracking URI.
-        experiments: Experiment names (at least one).
-        metric: The metric that picks the best run (default ``eval.tuned_eval_loss``).
-        mode: ``min`` or ``max``; None guesses from the name (losses min, chrF/gains/throughput max).
-        metrics: Extra metrics to show beside :data:`KEY_METRICS`.
-        include_unfinished: Keep runs that are still running or failed (they never count as best
-            unless they have the metric).
-        max_runs: Cap on runs read per experiment.
-    """
+def _read_rows(tracking_uri: str, experiments: Sequence[str], include_unfinished: bool,
+               max_runs: int) -> list[RunRow]:
     from mlflow.entities import ViewType
 
-    if not experiments:
-        raise KubetuneError("no experiment to compare", "pass --experiment NAME (repeatable)")
-    mode = mode or default_mode(metric)
-    if mode not in ("min", "max"):
-        raise KubetuneError(f"mode {mode!r} is unknown", "use min or max")
-    _check_local_store(tracking_uri)
     client = _client(tracking_uri)
     found, missing = {}, []
     for name in experiments:
@@ -245,6 +226,40 @@ def compare_runs(tracking_uri: str, experiments: Sequence[str], metric: str = DE
                     registered_version=run.data.tags.get(REGISTERED_VERSION_TAG, ""),
                 )
             )
+    return rows
+
+
+def compare_runs(tracking_uri: str, experiments: Sequence[str], metric: str = DEFAULT_METRIC,
+                 mode: Mode | None = None, *, metrics: Sequence[str] = (), include_unfinished: bool = True,
+                 max_runs: int = 1000) -> Comparison:
+    """Read the runs of ``experiments`` from MLflow at ``tracking_uri`` and compare them.
+
+    Args:
+        tracking_uri: The MLflow tracking URI.
+        experiments: Experiment names (at least one).
+        metric: The metric that picks the best run (default ``eval.tuned_eval_loss``).
+        mode: ``min`` or ``max``; None guesses from the name (losses min, chrF/gains/throughput max).
+        metrics: Extra metrics to show beside :data:`KEY_METRICS`.
+        include_unfinished: Keep runs that are still running or failed (they never count as best
+            unless they have the metric).
+        max_runs: Cap on runs read per experiment.
+    """
+    from mlflow.exceptions import MlflowException
+
+    if not experiments:
+        raise KubetuneError("no experiment to compare", "pass --experiment NAME (repeatable)")
+    mode = mode or default_mode(metric)
+    if mode not in ("min", "max"):
+        raise KubetuneError(f"mode {mode!r} is unknown", "use min or max")
+    _check_local_store(tracking_uri)
+    try:
+        rows = _read_rows(tracking_uri, experiments, include_unfinished, max_runs)
+    except MlflowException as exc:  # unreachable or refusing: no traceback, and no credential of the URI
+        raise KubetuneError(
+            f"could not read runs from {redact(tracking_uri)}: {redact(str(exc))[:300]}",
+            "check the tracking URI and that the MLflow server answers (credentials go in "
+            "MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN, not in the URI)",
+        ) from None
     rows.sort(key=lambda row: row.start_time)
     metric_names = [m for m in dict.fromkeys([metric, *KEY_METRICS, *metrics]) if any(m in r.metrics for r in rows)]
     scored = [row for row in rows if _finite(row.metrics.get(metric))]

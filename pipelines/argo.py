@@ -38,6 +38,7 @@ from kubetune.pipelines.step_table import Step
 from kubetune import __version__
 from kubetune.errors import KubetuneError, collect
 from kubetune.modeling import REQUIRE_GPU_ENV
+from kubetune.parameters import validate_parameters
 from kubetune.storage import atomic_file
 
 if TYPE_CHECKING:
@@ -191,6 +192,7 @@ def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | N
     unknown = sorted(set(params or {}) - set(kinds))
     if unknown:
         raise KubetuneError(f"unknown pipeline parameter(s) {', '.join(unknown)}", f"use one of: {', '.join(kinds)}")
+    validate_parameters(params or {})
     overrides = {name: parameter_value(value, kinds[name]) for name, value in (params or {}).items()}
     runtime_selector = GPU_NODE_SELECTOR in kinds
     images = resolve_images(options.cpu_image or None, options.gpu_image or None)

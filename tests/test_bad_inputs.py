@@ -449,6 +449,17 @@ def test_a_store_that_cannot_be_opened_is_reported_like_an_outage(tmp_path):
     assert "MLflow tracking incomplete" in report and uri in report and "writable" in report
 
 
+def test_compare_against_an_unreachable_server_hides_the_uri_password(capsys, monkeypatch):
+    from kubetune.cli import main
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--tracking-uri", "http://user:s3cretpw@127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "could not read runs" in err and "Fix:" in err
+    assert "s3cretpw" not in err and "Traceback" not in err
+
+
 # -- the command line ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "message"),

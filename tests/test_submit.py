@@ -221,6 +221,13 @@ def test_unknown_parameter_is_rejected_before_any_request(kfp_server):
     assert not kfp_server.requests
 
 
+def test_invalid_settings_are_rejected_before_any_request(kfp_server):
+    """A setting that would fail minutes into the cluster run (and be retried) stops the submission instead."""
+    with pytest.raises(KubetuneError, match=r"(?s)lora_r=100000 is far larger .*learning_rate=nan is not a finite"):
+        submit_pipeline(kfp_server.url, {"lora_r": 100000, "learning_rate": float("nan")})
+    assert not kfp_server.requests
+
+
 def test_multi_user_needs_a_namespace(kfp_server, monkeypatch):
     monkeypatch.setenv("KF_PIPELINES_TOKEN", TOKEN)
     kfp_server.multi_user = True

@@ -34,6 +34,7 @@ import yaml
 from kubetune.cli.options import add_cluster_flags, add_placement_flags, placement_options
 from kubetune.cli.params import parse_params
 from kubetune.errors import KubetuneError
+from kubetune.parameters import validate_parameters
 from kubetune.pipelines import PipelineOptions, compile_pipeline
 
 HOST_ENVS = ("KUBETUNE_KFP_HOST", "KF_PIPELINES_ENDPOINT")
@@ -169,6 +170,7 @@ def submit_pipeline(
     namespace, or a run the server refuses.
     """
     params = dict(params or {})
+    validate_parameters(params)  # every setting checked here, not minutes into the run on the cluster
     host = resolve_host(host)
     token = resolve_token(token)
     options = options if options is not None else PipelineOptions()
