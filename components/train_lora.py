@@ -3,7 +3,7 @@
 from typing import NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 from kubetune.containers.images import GPU_IMAGE
 
 
@@ -13,6 +13,7 @@ def train_lora(
     train_data: Input[Dataset],
     adapter: Output[Model],
     metrics: Output[Metrics],
+    training_report: Output[HTML],
     mlflow_store: Output[Artifact],
     lora_r: int = 16,
     lora_alpha: int = 32,
@@ -82,6 +83,8 @@ def train_lora(
     Returns:
         adapter: The LoRA adapter (safetensors) and tokenizer; metadata holds the MLflow run id.
         metrics: Training metrics (loss, tokens/s, ...), shown on the Kubeflow run page.
+        training_report: Loss, learning rate and tokens/s by step, the speed plan and the MLflow link, shown on
+            the Kubeflow run page.
         mlflow_store: The MLflow store when there was no tracking server (mlflow_required=false), else a note
             naming the server.
         mlflow_run_id: The MLflow run that the evaluation logs into as well.
@@ -115,6 +118,7 @@ def train_lora(
     for name, value in steps.numbers(result).items():
         metrics.log_metric(name, value)
     adapter.metadata.update(steps.adapter_metadata(result, model.metadata, mlflow_experiment))
+    steps.write_training_page(result, training_report.path)
     if result["tracking_report"]:
         print(result["tracking_report"], flush=True)
     return namedtuple("TrainOutputs", ["mlflow_run_id"])(result["mlflow_run_id"])

@@ -131,6 +131,17 @@ def _row(index: int, row: dict[str, str]) -> str:
     )
 
 
+def _verdict(metrics: dict[str, float]) -> str:
+    """One sentence with the decision: did fine-tuning lower the held-out loss?"""
+    base, tuned = metrics.get("base_eval_loss"), metrics.get("tuned_eval_loss")
+    if base is None or tuned is None or not (math.isfinite(base) and math.isfinite(tuned)):
+        return ""
+    better = tuned < base
+    return (f'<p id="verdict" class="{"better" if better else "worse"}">'
+            f'{"The tuned model beats the base" if better else "The tuned model does not beat the base"} on the '
+            f"held-out loss ({_fmt(tuned)} vs {_fmt(base)}).</p>")
+
+
 def render_report(title: str, metrics: dict[str, float], rows: list[dict[str, str]], meta: dict[str, str]) -> str:
     """One self-contained HTML page: metrics (base vs tuned vs delta), then each question side by side."""
     meta_rows = "\n".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in meta.items())
@@ -153,6 +164,7 @@ def render_report(title: str, metrics: dict[str, float], rows: list[dict[str, st
 {meta_rows}
 </table>
 <h2>Metrics</h2>
+{_verdict(metrics)}
 {_metrics_table(metrics)}
 <h2>Answers side by side ({len(probes)} probe, {len(held_out)} held-out)</h2>
 <div id="rows">

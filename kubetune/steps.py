@@ -17,6 +17,7 @@ import logging
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kubetune import distributed, records
@@ -28,10 +29,11 @@ from kubetune.modeling import load_tokenizer, quantize_model, read_model_metadat
 from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
 from kubetune.sft import train_lora
-from kubetune.storage import check_outputs, file_sha256
+from kubetune.storage import atomic_file, check_outputs, file_sha256
 from kubetune.tracking import (
     Tracking,
 )
+from kubetune.training_page import render_training_page
 
 log = logging.getLogger("kubetune")
 
@@ -75,6 +77,14 @@ def adapter_metadata(result: dict[str, Any], model_metadata: dict[str, Any], exp
     """What the adapter output carries for evaluation and the UI: its MLflow run and store, its base model."""
     return {**{k: result[k] for k in ("mlflow_run_id", "mlflow_run_url", "tracking_uri")},
             "base_model": model_metadata.get("source", ""), "mlflow_experiment": experiment}
+
+
+def write_training_page(result: dict[str, Any], path: str) -> None:
+    """The SFT step's page for the Kubeflow run view (curves, totals, speed plan, MLflow link)."""
+    page = render_training_page(result.get("history", []), metrics=numbers(result), plan=result.get("plan", []),
+                                mlflow_run_url=result.get("mlflow_run_url", ""))
+    with atomic_file(path) as staging:
+        Path(staging).write_text(page, encoding="utf-8")
 
 
 def report_metadata(result: dict[str, Any]) -> dict[str, Any]:
@@ -235,6 +245,8 @@ def train_here(job: TrainJob) -> dict[str, Any]:
         "tracking_uri": "" if tracking.uses_output_store(tracker.tracking_uri) else
         without_credentials(tracker.tracking_uri),
         "tracking_report": report,
+        "history": result.history,  # per-step log rows: the training page draws them
+        "plan": result.plan.reasons,
     }
 
 

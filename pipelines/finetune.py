@@ -150,8 +150,12 @@ class PipelineOptions:
 
 
 class PipelineOutputs(NamedTuple):
+    """The run's results, listed on the top of its Kubeflow run page."""
+
     adapter: Model
     report: HTML
+    training_report: HTML
+    mlflow_run_id: str
 
 
 def _docstring(descriptions: dict[str, str]) -> str:
@@ -204,12 +208,15 @@ def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - k
         if options.cache_volume:
             _mount_cache_volume([tasks[s.name] for s in STEPS if s.cache_volume], list(tasks.values()), options)
         return PipelineOutputs(adapter=tasks["train_lora"].outputs["adapter"],
-                               report=tasks["evaluate_model"].outputs["report"])
+                               report=tasks["evaluate_model"].outputs["report"],
+                               training_report=tasks["train_lora"].outputs["training_report"],
+                               mlflow_run_id=tasks["train_lora"].outputs["mlflow_run_id"])
 
     finetune.__signature__ = inspect.Signature(parameters, return_annotation=PipelineOutputs)
     finetune.__doc__ = _docstring(descriptions)
     return dsl.pipeline(
         name=PIPELINE_NAME,
+        display_name="kubetune: QLoRA fine-tuning",
         description="QLoRA fine-tuning: dataset prep (CPU) → 4-bit model load (CPU) → LoRA SFT (GPU) → "
         "base-vs-tuned evaluation (GPU), logged to MLflow.",
     )(finetune)

@@ -236,7 +236,8 @@ def test_secrets_are_optional_and_scoped(manifests):
 
 def test_artifacts_option_exports_results():
     templates = _templates(_manifest(argo=ArgoOptions(artifacts=True)))
-    assert {a["name"] for a in templates["train-lora"]["outputs"]["artifacts"]} == {"adapter", "metrics"}
+    assert {a["name"] for a in templates["train-lora"]["outputs"]["artifacts"]} == {"adapter", "metrics",
+                                                                                     "training_report"}
     assert {a["name"] for a in templates["evaluate-model"]["outputs"]["artifacts"]} == {"report", "metrics",
                                                                                          "mlflow_store"}
     assert "outputs" not in _templates(_manifest())["train-lora"]

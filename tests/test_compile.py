@@ -377,13 +377,16 @@ def test_metrics_and_report_reach_the_run_page(tmp_path):
     assert outputs("evaluate-model") == {"metrics": "system.Metrics", "report": "system.HTML",
                                          "mlflow_store": "system.Artifact"}
     assert outputs("train-lora") == {"adapter": "system.Model", "metrics": "system.Metrics",
-                                     "mlflow_store": "system.Artifact"}
+                                     "training_report": "system.HTML", "mlflow_store": "system.Artifact"}
     assert outputs("prepare-dataset")["stats"] == "system.Metrics"
     assert outputs("prepare-dataset")["summary"] == "system.Markdown"
     root_outputs = compiled.spec.root.output_definitions.artifacts
     assert {name: a.artifact_type.schema_title for name, a in root_outputs.items()} == {
-        "adapter": "system.Model", "report": "system.HTML"
+        "adapter": "system.Model", "report": "system.HTML", "training_report": "system.HTML"
     }
+    # The run's MLflow run id is listed at the top of the run page too, and the pipeline has a display name.
+    assert list(compiled.spec.root.output_definitions.parameters) == ["mlflow_run_id"]
+    assert compiled.spec.pipeline_info.display_name == "kubetune: QLoRA fine-tuning"
 
 
 def test_cli_compile_takes_placement_flags(tmp_path):

@@ -31,6 +31,7 @@ def test_summary_line_points_at_real_outputs(local_run):
     adapter, report = Path(summary["adapter"]), Path(summary["report"])
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in adapter.iterdir()}
     assert "<html" in report.read_text(encoding="utf-8").lower() and report.suffix == ".html"  # opens as a page
+    assert 'data-series="loss"' in Path(summary["training_report"]).read_text(encoding="utf-8")
     assert summary["mlflow_tracking_uri"] == f"sqlite:///{workdir.resolve() / 'mlflow.db'}"
     assert (workdir / "tiny-model" / "config.json").is_file()
 

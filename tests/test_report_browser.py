@@ -198,3 +198,53 @@ def overlap(a: bytes, b: bytes) -> float:
     both = sum(1 for x, y in zip(a, b, strict=True) if x and y)
     either = sum(1 for x, y in zip(a, b, strict=True) if x or y)
     return both / either if either else 1.0
+
+
+# -- the SFT step's page: curves from a real tiny training run ---------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(quantized_model_dir, prepare_sample, tmp_path_factory):
+    from kubetune.config import LoraSettings, TrainConfig
+    from kubetune.sft import train_lora
+
+    root = tmp_path_factory.mktemp("curves")
+    prepared = prepare_sample(max_length=256, max_samples=48)
+    return train_lora(quantized_model_dir, str(prepared / "train.parquet"), str(root / "adapter"),
+                      lora=LoraSettings(lora_r=4), train=TrainConfig(max_steps=6, learning_rate=5e-3, save_steps=0),
+                      max_length=256, checkpoint_dir=str(root / "ckpt"))
+
+
+def test_training_page_draws_the_runs_curves(trained, tmp_path):
+    from kubetune.training_page import render_training_page
+
+    page = tmp_path / "training.html"
+    page.write_text(render_training_page(trained.history, metrics=trained.metrics, plan=trained.plan.reasons,
+                                         mlflow_run_url="http://mlflow.example.com/#/experiments/1/runs/abc"),
+                    encoding="utf-8")
+    dom = chromium(tmp_path, "--dump-dom", page.as_uri())
+
+    class Curves(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.series, self.current = {}, None
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "svg" and "curve" in attrs.get("class", ""):
+                self.current = attrs["data-series"]
+            if tag == "polyline" and self.current:
+                self.series[self.current] = attrs
+
+    curves = Curves()
+    curves.feed(dom)
+    logged = [row for row in trained.history if "loss" in row]
+    loss = curves.series["loss"]
+    steps = [float(s) for s in loss["data-steps"].split(",")]
+    assert steps == [row["step"] for row in logged] and steps == sorted(set(steps)) and len(steps) == 6
+    assert [float(v) for v in loss["data-values"].split(",")] == pytest.approx([row["loss"] for row in logged],
+                                                                               rel=1e-5)
+    xs = [float(point.split(",")[0]) for point in loss["points"].split()]
+    assert xs == sorted(xs) and len(set(xs)) == len(xs)  # a monotone x axis
+    assert {"loss", "learning_rate", "tokens_per_second"} <= set(curves.series)
+    assert "Open the run in MLflow" in dom and "Speed plan" in dom
+    image = screenshot(tmp_path, page, tmp_path / "training.png", (1280, 900))
+    assert image.getextrema()[0] < 200  # something is drawn, not a blank page

@@ -68,6 +68,10 @@ def test_steps_run_in_dag_order_through_a_volume(tmp_path):
     assert adapter_metadata["mlflow_run_id"] == train["mlflow_run_id"] and adapter_metadata["tracking_uri"] == tracking
     train_metrics = json.loads((run / "train-lora" / "adapter.metrics.json").read_text(encoding="utf-8"))
     assert train_metrics and all(isinstance(v, (int, float)) for v in train_metrics.values())
+    page = (run / "train-lora" / "adapter.training.html").read_text(encoding="utf-8")
+    assert 'data-series="loss"' in page and "Speed plan" in page
+    note = (run / "train-lora" / "adapter.mlflow" / "README.txt").read_text(encoding="utf-8")
+    assert train["mlflow_run_id"] in note  # a server had the records: the store output says where
 
     # no tracking URI: evaluate logs into the training's run, found through the adapter's metadata
     evaluation = _summary(_step(

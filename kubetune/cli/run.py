@@ -71,14 +71,16 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
         ) from None
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    adapter, report = task.outputs["adapter"], task.outputs["report"]
-    # KFP names the artifact "report": a copy with .html opens in a browser as a page, not as source.
-    page = workdir / "report.html"
-    with atomic_file(page) as staging:
-        shutil.copyfile(report.path, staging)
+    adapter = task.outputs["adapter"]
+    # KFP names the artifacts "report" and "training_report": copies with .html open in a browser as pages.
+    pages = {name: workdir / f"{name}.html" for name in ("report", "training_report")}
+    for name, page in pages.items():
+        with atomic_file(page) as staging:
+            shutil.copyfile(task.outputs[name].path, staging)
     return {
         "adapter": adapter.path,
-        "report": str(page),
+        "report": str(pages["report"]),
+        "training_report": str(pages["training_report"]),
         "mlflow_run_id": adapter.metadata.get("mlflow_run_id", ""),
         "mlflow_tracking_uri": without_credentials(tracking_uri),
         "mlflow_experiment": params.get("mlflow_experiment", "kubetune"),

@@ -124,6 +124,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any] | None:
         return None
     write_json(metrics_path, steps.numbers(result))
     write_json(metadata_path(args.adapter), steps.adapter_metadata(result, model_metadata, args.mlflow_experiment))
+    steps.write_training_page(result, args.training_report or beside(args.adapter, ".training.html"))
     _print_tracking_report(result)
     return {"adapter": args.adapter, "metrics": metrics_path, "mlflow_run_id": result["mlflow_run_id"],
             **steps.numbers(result)}
@@ -207,6 +208,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(train, "train_data", "input: the prepared training set (from prep)")
     _path(train, "adapter", "output: the LoRA adapter directory")
     _tracked_outputs(train, "adapter")
+    _path(train, "training_report", "output: the training page, curves by step (default: <adapter>.training.html)",
+          required=False)
     add_setting_flags(train, ("checkpoint_dir",))
     add_flag(train, "checkpoint_root", "", "Volume directory for per-run checkpoints")
     add_flag(train, "max_length", 0, "Maximum tokens per sample; 0 = the value prep recorded in the data's metadata")
