@@ -133,9 +133,12 @@ def test_screenshot_as_the_kubeflow_ui_shows_it(report, tmp_path):
         encoding="utf-8",
     )
     png = tmp_path / "report.png"
-    image = screenshot(tmp_path, wrapper, png)
+    for _ in range(2):  # on a busy machine the iframe can miss the first capture: one more, the same check
+        image = screenshot(tmp_path, wrapper, png)
+        ink = sum(image.histogram()[:128])  # dark pixels
+        if ink > 5000:
+            break
     assert image.size == WINDOW
-    ink = sum(image.histogram()[:128])  # dark pixels
     assert ink > 5000, "the report rendered (almost) blank"
     if os.environ.get("KUBETUNE_SCREENSHOT_DIR"):  # CI keeps it as an artifact
         target = Path(os.environ["KUBETUNE_SCREENSHOT_DIR"])

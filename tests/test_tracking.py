@@ -249,7 +249,8 @@ def _client(runs):
 
 def _executor_output(summary: dict, artifact: str) -> dict:
     """Metadata KFP recorded for an output artifact of the local run (adapter: train-lora, report: evaluate)."""
-    path = Path(summary[artifact]).parent / "executor_output.json"
+    task = {"adapter": "train-lora", "report": "evaluate-model"}[artifact]
+    path = Path(summary["adapter"]).parent.parent / task / "executor_output.json"
     outputs = json.loads(path.read_text())["artifacts"][artifact]["artifacts"][0]
     return outputs.get("metadata", {})
 
