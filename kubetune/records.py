@@ -29,7 +29,7 @@ log = logging.getLogger("kubetune")
 
 
 def adapter_tags(model_metadata: dict[str, Any], data_metadata: dict[str, Any], dataset_sha256: str,
-                  lora: LoraSettings, tracking: Tracking) -> dict[str, Any]:
+                 lora: LoraSettings, tracking: Tracking) -> dict[str, Any]:
     """What a registered adapter needs to be found and loaded again: its base model, quantization, data."""
     return {
         "kubetune.base_model": model_metadata.get("source", ""),
