@@ -175,7 +175,7 @@ def test_train_command_launches_and_only_rank_zero_writes(rank, tmp_path, monkey
     written = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("adapter"))
     printed = capsys.readouterr().out.strip()
     if rank == "0":
-        assert written == ["adapter.metadata.json", "adapter.metrics.json"]
+        assert written == ["adapter.metadata.json", "adapter.metrics.json", "adapter.training.html"]
         assert json.loads(printed.splitlines()[-1])["global_step"] == 3
     else:
         assert written == [] and not printed
