@@ -417,36 +417,35 @@ def test_rows_longer_than_max_length_are_truncated_and_counted(tmp_path, tokeniz
     assert "| dropped_too_long | 2 |" in dropped.summary_markdown
 
 
-def test_unreachable_mlflow_is_reported_at_the_end_not_raised(monkeypatch):
-    """Consistent with the outage policy (see test_reliability): the step goes on, and its result says what was not
-    logged, where, and what to check."""
+def _unreachable_server(tmp_path) -> str:
     import socket
 
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _store_below_a_file(tmp_path) -> str:
+    (tmp_path / "a-file").write_text("")
+    return f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
+
+
+@pytest.mark.parametrize(("make_uri", "advice"), [(_unreachable_server, "check the server"),
+                                                  (_store_below_a_file, "writable")],
+                         ids=["server-down", "store-cannot-open"])
+def test_unreachable_mlflow_is_reported_at_the_end_not_raised(make_uri, advice, tmp_path, monkeypatch):
+    """Consistent with the outage policy (see test_reliability): the step goes on, and its result says what was not
+    logged, where, and what to check: the server, or for a local store that cannot be opened (here: below a
+    file), its folder."""
     from kubetune.tracking import Tracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uri = make_uri(tmp_path)
     tracker = Tracker(uri, "unreachable")
     assert not tracker.try_open(attempts=1)
     tracker.log_metrics({"loss": 1.0}, step=1)
     report = tracker.finish(timeout_s=0)
-    assert "MLflow tracking incomplete" in report and uri in report and "check the server" in report
-
-
-def test_a_store_that_cannot_be_opened_is_reported_like_an_outage(tmp_path):
-    """A local store under a path that cannot hold one (here: below a file) does not stop the step: the calls are
-    queued and the end report names the store and what to check."""
-    from kubetune.tracking import Tracker
-
-    (tmp_path / "a-file").write_text("")
-    uri = f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}"
-    tracker = Tracker(uri, "unopenable")
-    assert not tracker.try_open(attempts=1)
-    tracker.log_metrics({"loss": 1.0}, step=1)
-    report = tracker.finish(timeout_s=0)
-    assert "MLflow tracking incomplete" in report and uri in report and "writable" in report
+    assert "MLflow tracking incomplete" in report and uri in report and advice in report
 
 
 def test_compare_against_an_unreachable_server_hides_the_uri_password(capsys, monkeypatch):
