@@ -174,11 +174,11 @@ def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - k
     """Build the pipeline function for these options (compile it, or call it under kfp.local)."""
     options = options or PipelineOptions()
     options.validate()
-    placements = options.profile.steps
-    train_placement = placements["train_lora"]
+    train_placement = options.profile.steps["train_lora"]
+    settings = pipeline_settings()
     parameters = [inspect.Parameter(s.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=s.default,
-                                    annotation=s.type) for s in pipeline_settings()]
-    descriptions = {s.name: s.help for s in pipeline_settings()}
+                                    annotation=s.type) for s in settings]
+    descriptions = {s.name: s.help for s in settings}
     if options.runtime_gpu_node_selector:
         parameters.append(inspect.Parameter(GPU_NODE_SELECTOR, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                             default=gpu_node_selector_default(options.profile), annotation=dict))
