@@ -25,6 +25,8 @@ def prepare_dataset(
     max_eval_samples: int = 200,
     seed: int = 42,
     trust_remote_code: bool = False,
+    dataset_version: str = "",
+    model_version: str = "",
 ):
     """Prepare an SFT dataset: read a file, folder, s3:// or gs:// URI or hub id in Alpaca, chat or
     prompt/completion format; template prompts with the expert persona or the chat template; drop empty answers
@@ -49,6 +51,10 @@ def prepare_dataset(
         max_eval_samples: Cap on held-out rows (0 = no cap).
         seed: Seed for sampling, the train/eval split and training.
         trust_remote_code: Allow model and tokenizer code from the hub.
+        dataset_version: The dataset's current version (resolve_sources): part of the cache key, recorded in
+            the metadata.
+        model_version: The base model's current version (its tokenizer shapes the prompts): part of the cache
+            key.
 
     Returns:
         train_data: Prepared training rows (prompt/completion, JSONL).
@@ -56,6 +62,8 @@ def prepare_dataset(
         stats: Rows in, kept and dropped per rule, token-length percentiles.
         summary: The same statistics as a short Markdown summary.
     """
+    import json
+
     from kubetune.config import DataConfig
     from kubetune.errors import clear_errors
     from kubetune.steps import numbers, parse_columns, prepare
@@ -73,6 +81,10 @@ def prepare_dataset(
         )
     for name, value in numbers(stat_values).items():
         stats.log_metric(name, value)
+    # The same numbers as a file: an output without one is never served from kfp.local's cache.
+    with open(stats.path, "w", encoding="utf-8") as handle:
+        json.dump(numbers(stat_values), handle)
+    metadata.update(dataset_version=dataset_version, model_version=model_version)
     train_data.metadata.update(metadata)
     eval_data.metadata.update(metadata)
     with open(summary.path, "w", encoding="utf-8") as handle:

@@ -14,11 +14,13 @@ def quantize_model(
     double_quant: bool = True,
     compute_dtype: str = "auto",
     trust_remote_code: bool = False,
+    model_version: str = "",
+    cache_root: str = "",
 ):
     """Load a base model in 4-bit with bitsandbytes and save the pre-quantized model (safetensors) and tokenizer.
 
-    Runs on a CPU node so downloads never hold a GPU; KFP's cache reuses the output while the model and settings
-    are unchanged. The artifact's metadata records the source, revision, content hash and quantization settings.
+    Runs on a CPU node so downloads never hold a GPU; KFP's cache reuses the output while the model's version
+    (from resolve_sources) and the settings are unchanged. The artifact's metadata records the source, revision, content hash and quantization settings.
 
     Args:
         base_model: Base model: a local directory (e.g. on the cache volume, /cache/...) or a hub id.
@@ -28,6 +30,10 @@ def quantize_model(
         compute_dtype: Dtype of the 4-bit matmuls: auto picks bfloat16 where the hardware has it, float16
             otherwise.
         trust_remote_code: Allow model and tokenizer code from the hub.
+        model_version: The base model's current version (resolve_sources): part of the cache key, recorded in
+            the metadata.
+        cache_root: Volume directory for the hub download (HF_HOME=<cache_root>/huggingface); empty = the
+            image's HF_HOME.
 
     Returns:
         model: The pre-quantized model and tokenizer; metadata: source, revision, hash, quantization.
@@ -40,6 +46,7 @@ def quantize_model(
         metadata = quantize(
             base_model, model.path,
             QuantConfig(quantization=quantization, double_quant=double_quant, compute_dtype=compute_dtype),
-            revision=model_revision, trust_remote_code=trust_remote_code,
+            revision=model_revision, trust_remote_code=trust_remote_code, cache_root=cache_root,
         )
+    metadata["model_version"] = model_version
     model.metadata.update(metadata)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kubetune import distributed, records
+from kubetune import distributed, records, versions
 from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig, from_dict, to_dict
 from kubetune.data import prepare_dataset
 from kubetune.errors import KubetuneError
@@ -30,9 +31,8 @@ from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
 from kubetune.sft import train_lora
 from kubetune.storage import atomic_file, check_outputs, file_sha256
-from kubetune.tracking import (
-    Tracking,
-)
+from kubetune.tracking import Tracking
+from kubetune.tracking.finish import NO_STEP, RUNNING_STEP_TAG, Closing, close_pipeline_run
 from kubetune.training_page import render_training_page
 
 log = logging.getLogger("kubetune")
@@ -92,6 +92,26 @@ def report_metadata(result: dict[str, Any]) -> dict[str, Any]:
     return {k: result[k] for k in ("mlflow_run_id", "mlflow_run_url")}
 
 
+def resolve(dataset: str, base_model: str, model_revision: str = "") -> dict[str, str]:
+    """The current versions of the dataset and the base model (the cached steps' cache keys), and the hub commit
+    the model revision points to now (what the later steps read). See :mod:`kubetune.versions`."""
+    data, model = versions.dataset_version(dataset), versions.model_version(base_model, model_revision)
+    for name, value, version in (("dataset", dataset, data), ("base_model", base_model, model)):
+        if version.resolved:
+            log.info("%s %s: version %s (%s)", name, value, version.version[:80], version.how)
+        else:
+            log.warning("%s %s: %s", name, value, version.how)
+    return {"dataset_version": data.version, "model_version": model.version,
+            "pinned_revision": model.revision or model_revision}
+
+
+def finish(tracking: Tracking, pipeline_state: str, *, failed_step: str = "", error: str = "") -> Closing:
+    """The final-status step: close the pipeline run's MLflow run with the pipeline's final state."""
+    closing = close_pipeline_run(tracking, pipeline_state, failed_step=failed_step, error=error)
+    log.info("pipeline %s: %s", pipeline_state or "state unknown", closing.message)
+    return closing
+
+
 def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str, *, revision: str = "",
             trust_remote_code: bool = False) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Dataset prep. Returns (stats, Markdown summary, metadata for the dataset artifacts)."""
@@ -112,10 +132,12 @@ def prepare(config: DataConfig, base_model: str, train_path: str, eval_path: str
 
 
 def quantize(base_model: str, output_dir: str, quant: QuantConfig, *, revision: str = "",
-             trust_remote_code: bool = False) -> dict[str, Any]:
-    """4-bit model load and save. Returns the model artifact's metadata."""
+             trust_remote_code: bool = False, cache_root: str = "") -> dict[str, Any]:
+    """4-bit model load and save. Returns the model artifact's metadata. A ``cache_root`` (a volume) holds the hub
+    download, which can be larger than a pod's ephemeral storage."""
     check_outputs({"base_model": base_model}, {"model": output_dir})
-
+    if cache_root:
+        os.environ["HF_HOME"] = f"{cache_root.rstrip('/')}/huggingface"
     return quantize_model(base_model, output_dir, quant, revision=revision or None, trust_remote_code=trust_remote_code)
 
 
@@ -209,7 +231,8 @@ def train_here(job: TrainJob) -> dict[str, Any]:
         tracker.log_dataset(data_metadata.get("dataset", ""), digest=dataset_sha256, context="train",
                             rows=int(data_metadata.get("stat_train_rows", 0)))
         tracker.set_tags({**records.adapter_tags(model_metadata, data_metadata, dataset_sha256, lora, tracking),
-                          "kubetune.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"})
+                          "kubetune.gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                          RUNNING_STEP_TAG: "train_lora"})
     try:
         with tracker.system_metrics() if is_rank_zero else nullcontext():
             result = train_lora(
@@ -232,6 +255,7 @@ def train_here(job: TrainJob) -> dict[str, Any]:
     tracker.log_params({"speed": {k: v for k, v in to_dict(result.plan).items()}})
     tracker.log_metrics(result.metrics, prefix="sft.")
     tracker.log_artifact(job.adapter_dir, "adapter")
+    tracker.set_tags({RUNNING_STEP_TAG: NO_STEP})
     report = tracker.finish(timeout_s=120, **tracking.open_kwargs())
     records.note_store(tracking, tracker)
     if report:
@@ -268,6 +292,8 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
         if question.strip()
     ]
     tracker = tracking.tracker()
+    if tracker.try_open(attempts=1, **tracking.open_kwargs()):  # names this step if its pod is killed
+        tracker.set_tags({RUNNING_STEP_TAG: "evaluate_model"})
     try:
         result = evaluate_adapter(
             model_dir, adapter_dir, eval_path, report_path, config, probe_prompts=probes,
@@ -286,6 +312,7 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
     tracker.log_table(result.rows, "eval/answers.json")
     tracker.log_artifact(report_path, "eval", name="report.html")  # KFP names the file "report"; MLflow shows .html
     records.log_plots(tracker, result.metrics)
+    tracker.set_tags({RUNNING_STEP_TAG: NO_STEP})
     if tracking.model_name():
         base_model, base_path = records.base_reference(read_model_metadata(model_dir))
         tracker.log_adapter_model(

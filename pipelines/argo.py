@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from hera.workflows import Workflow
 
 WORKSPACE = "/workspace"
+PARAMETER_DIR = "/tmp/kubetune-outputs"
 RUN_DIR = f"{WORKSPACE}/runs/{{{{workflow.name}}}}"
 DAG_NAME = "finetune"
 GENERATE_NAME = "kubetune-finetune-"
@@ -132,6 +133,8 @@ def _critical_path_s(steps: list[StepSpec], profile) -> int:
     """Longest path through the DAG, each step at its timeout times its attempts plus the backoff between."""
     finish: dict[str, int] = {}
     for step in steps:  # already in DAG order
+        if step.final_status:  # onExit runs after the workflow's deadline too
+            continue
         timeout = profile.steps[step.step.name].timeout_s
         if not timeout:
             return 0
@@ -140,6 +143,14 @@ def _critical_path_s(steps: list[StepSpec], profile) -> int:
         backoff = int(sum(delay * float(retry.get("backoffFactor", 1)) ** i for i in range(retries)))
         finish[step.task] = max((finish[d] for d in step.dependencies), default=0) + timeout * (1 + retries) + backoff
     return max(finish.values())
+
+
+def _pod_spec_patch(step: Step, gpu_selector: bool) -> str | None:
+    """The run-time GPU node selector and the step's termination grace period, as Argo's podSpecPatch."""
+    fields = [f'"nodeSelector": {{{{workflow.parameters.{GPU_NODE_SELECTOR}}}}}'] if gpu_selector else []
+    if step.grace_period_s:
+        fields.append(f'"terminationGracePeriodSeconds": {step.grace_period_s}')
+    return "{" + ", ".join(fields) + "}" if fields else None
 
 
 def _secret_env(step: Step, options: PipelineOptions) -> tuple[list, list]:
@@ -198,6 +209,9 @@ def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | N
     images = resolve_images(options.cpu_image or None, options.gpu_image or None)
     outputs = {(step.task, flag): artifact_path(step.task, flag, kind)
                for step in steps for flag, kind in step.artifacts_out.items()}
+    # Output parameters a later step reads (the pinned versions): a file Argo reads back after the step.
+    consumed = {source for step in steps for source in step.parameters_in.values()}
+    parameter_files = {source: f"{PARAMETER_DIR}/{source[1]}" for source in consumed}
     non_root = options.run_as_user is not None
     container_security = m.SecurityContext(allow_privilege_escalation=False, capabilities=m.Capabilities(drop=["ALL"]),
                                            run_as_non_root=True if non_root else None)
@@ -210,10 +224,20 @@ def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | N
             memory_request=placement.memory or None, memory_limit=placement.memory_limit or None,
             **({"gpus": placement.accelerator_count, "gpu_flag": placement.accelerator} if placement.uses_gpu else {}),
         )
-        inputs = [*step.inputs, *step.constants]
-        args = [f"--{flag}={{{{inputs.parameters.{flag}}}}}" for flag in inputs]
+        inputs = [*step.inputs, *step.constants, *step.parameters_in]
+        if step.final_status:  # onExit: no arguments reach it, it reads the workflow's own variables
+            args = [f"--{flag}={{{{workflow.parameters.{source}}}}}" for flag, source in step.inputs.items()]
+            args += [f"--{flag}={value}" for flag, value in step.constants.items()]
+            # {{workflow.failures}} is undefined when nothing failed (and then breaks the template); the step
+            # names the failed step from the MLflow run instead.
+            args.append("--status={{workflow.status}}")
+            inputs = []
+        else:
+            args = [f"--{flag}={{{{inputs.parameters.{flag}}}}}" for flag in inputs]
         args += [f"--{flag}={outputs[source]}" for flag, source in step.artifacts_in.items()]
         args += [f"--{flag}={outputs[(step.task, flag)]}" for flag in step.artifacts_out]
+        written = [name for name in step.parameters_out if (step.task, name) in parameter_files]
+        args += [f"--{name}={parameter_files[(step.task, name)]}" for name in written]
         secret_env, secret_volumes = _secret_env(step.step, options)
         gpu_selector_patch = runtime_selector and placement.uses_gpu
         result_artifacts = [
@@ -232,8 +256,9 @@ def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | N
             command=["python", "-m", "kubetune.cli", step.step.command],
             args=args,
             working_dir=WORKSPACE,
-            inputs=[Parameter(name=flag) for flag in inputs],
-            outputs=result_artifacts or None,
+            inputs=[Parameter(name=flag) for flag in inputs] or None,
+            outputs=[*result_artifacts, *[Parameter(name=name, value_from=m.ValueFrom(
+                path=parameter_files[(step.task, name)])) for name in written]] or None,
             # Model downloads land on the volume: an existing claim keeps them between runs.
             env=[
                 Env(name="HF_HOME", value=f"{WORKSPACE}/.cache/huggingface"),
@@ -242,10 +267,7 @@ def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | N
             ],
             resources=resources,
             node_selector=None if gpu_selector_patch else placement.node_selector or None,
-            pod_spec_patch=(
-                f'{{"nodeSelector": {{{{workflow.parameters.{GPU_NODE_SELECTOR}}}}}}}'
-                if gpu_selector_patch else None
-            ),
+            pod_spec_patch=_pod_spec_patch(step.step, gpu_selector_patch),
             tolerations=[m.Toleration(**toleration) for toleration in placement.tolerations] or None,
             volume_mounts=[m.VolumeMount(name="workspace", mount_path=WORKSPACE)],
             volumes=volumes or None,
@@ -262,10 +284,13 @@ def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | N
             dependencies=step.dependencies or None,
             arguments=[Parameter(name=flag, value=f"{{{{workflow.parameters.{source}}}}}")
                        for flag, source in step.inputs.items()]
-            + [Parameter(name=flag, value=value) for flag, value in step.constants.items()],
+            + [Parameter(name=flag, value=value) for flag, value in step.constants.items()]
+            + [Parameter(name=flag, value=f"{{{{tasks.{task}.outputs.parameters.{key}}}}}")
+               for flag, (task, key) in step.parameters_in.items()],
         )
-        for step in steps
+        for step in steps if not step.final_status
     ])
+    on_exit = next((step.task for step in steps if step.final_status), None)
     if argo.pvc:
         volumes = [m.Volume(name="workspace",
                             persistent_volume_claim=m.PersistentVolumeClaimVolumeSource(claim_name=argo.pvc))]
@@ -289,6 +314,8 @@ def build_workflow(options: PipelineOptions | None = None, argo: ArgoOptions | N
                 "kubetune/placement-profile": options.profile.name},
         annotations={"workflows.argoproj.io/description": spec["pipelineInfo"].get("description", "")},
         entrypoint=DAG_NAME,
+        # closes the MLflow run with the workflow's final state, whatever ended it
+        on_exit=on_exit,
         arguments=[Parameter(name=p.name, value=overrides.get(p.name, p.default), description=p.description or None)
                    for p in parameters],
         templates=[dag, *templates.values()],
@@ -317,69 +344,3 @@ def write_workflow(workflow: Workflow, path: str | os.PathLike) -> str:
     with atomic_file(path) as staging:
         Path(staging).write_text(workflow.to_yaml(allow_unicode=True, width=120), encoding="utf-8")
     return str(path)
-
-
-# -- submission ------------------------------------------------------------------------------------------------
-def server_url(host: str, environ: dict[str, str] | None = None) -> str:
-    """``https://host:2746`` from a URL or from ``host:port`` as the argo CLI's ARGO_SERVER holds it."""
-    environ = os.environ if environ is None else environ
-    host = host.strip().rstrip("/")
-    if host and "://" not in host:
-        secure = environ.get("ARGO_SECURE", "true").strip().lower() not in {"false", "0", "no"}
-        host = ("https://" if secure else "http://") + host
-    return host
-
-
-def submit_workflow(workflow, host: str, token: str = "", namespace: str = DEFAULT_NAMESPACE, *,
-                    verify_ssl: bool = True, timeout_s: float = 30.0) -> tuple[str, str]:
-    """Create the workflow through the Argo Server. Returns (workflow name, UI link)."""
-    import requests
-    from hera.exceptions import Forbidden, HeraException, NotFound, Unauthorized
-    from hera.workflows import WorkflowsService
-    from hera.workflows.models import WorkflowCreateRequest
-
-    class _Session(requests.Session):  # Hera sets no timeout: a silent host would hang the command
-        def request(self, method, url, **kwargs):
-            kwargs.setdefault("timeout", timeout_s)
-            return super().request(method, url, **kwargs)
-
-    if not host.startswith(("http://", "https://")):
-        raise KubetuneError(f"Argo Server address {host!r} has no http:// or https://",
-                            "pass --host https://argo.example.com:2746 or set ARGO_SERVER")
-    service = WorkflowsService(host=host, token=token or None, namespace=namespace, verify_ssl=verify_ssl,
-                               session=_Session())
-    fix_token = "pass a valid --token or ARGO_TOKEN (e.g. `argo auth token`, or a service account token)"
-    try:
-        with service:
-            created = service.create_workflow(WorkflowCreateRequest(workflow=workflow.build()), namespace=namespace)
-    except Unauthorized as exc:
-        raise KubetuneError(f"the Argo Server at {host} rejected the credentials (401 Unauthorized)",
-                            fix_token) from exc
-    except Forbidden as exc:
-        raise KubetuneError(f"the Argo Server at {host} refused to create workflows in namespace {namespace} "
-                            "(403 Forbidden)",
-                            f"use a token whose service account may create workflows in {namespace}, or another "
-                            "--namespace") from exc
-    except NotFound as exc:
-        raise KubetuneError(f"{host} has no Argo Server API for namespace {namespace} (404): {exc}",
-                            "check --host (the Argo Server URL, e.g. https://argo.example.com:2746) and "
-                            "--namespace") from exc
-    except HeraException as exc:
-        raise KubetuneError(f"the Argo Server at {host} did not create the workflow: {exc}",
-                            "read the server's message above; `kubetune argo -o FILE` writes the manifest to "
-                            "check with `argo lint FILE`") from exc
-    except requests.exceptions.SSLError as exc:
-        raise KubetuneError(f"TLS verification failed for {host}: {exc}",
-                            "use the server's https URL with a trusted certificate, or --insecure-skip-verify "
-                            "for a test server") from exc
-    except (requests.ConnectionError, requests.Timeout) as exc:
-        raise KubetuneError(f"cannot reach the Argo Server at {host}: {type(exc).__name__}",
-                            "check --host / ARGO_SERVER (scheme, host and port, e.g. https://localhost:2746 with "
-                            "`kubectl -n argo port-forward svc/argo-server 2746:2746`)") from exc
-    except (KeyError, ValueError) as exc:  # an error answer that is not the Argo Server's JSON
-        raise KubetuneError(f"{host} answered with something other than the Argo Server API ({exc!r})",
-                            "check that --host points at the Argo Server") from exc
-    name = created.metadata.name or ""
-    return name, f"{host}/workflows/{namespace}/{name}"
-
-

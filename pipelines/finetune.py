@@ -10,10 +10,9 @@ here is ignored by kfp.local, so ``kubetune run --local`` runs the same pipeline
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import Optional
 
 from kfp import compiler, dsl, kubernetes
-from kfp.dsl import HTML, Model
 from kubetune.pipelines.placement import Profile, apply_placement, gpu_node_selector_default, load_profile
 from kubetune.pipelines.step_table import STEPS, Step
 
@@ -62,10 +61,11 @@ class PipelineOptions:
     cpu_image: str = ""
     gpu_image: str = ""
     cache_volume: str = _option(
-        "", "model cache PVC at /cache (HF_HOME, checkpoints): an existing claim, or 'create' for one per run, "
-        "deleted at the end", metavar="CLAIM|create")
-    cache_volume_size: str = _option("200Gi", "size of a created cache volume")
-    cache_volume_storage_class: str = _option("", "storage class of a created cache volume")
+        "", "volume for model downloads and SFT checkpoints: an existing PVC mounted at /cache (kept between runs), "
+        "or 'create' for the run's KFP workspace (created with the run, deleted after it)", metavar="CLAIM|create")
+    cache_volume_size: str = _option("200Gi", "size of a created cache volume (the run's workspace)")
+    cache_volume_storage_class: str = _option("", "storage class of a created cache volume ('' = the workspace "
+                                              "default of the KFP installation)")
     cache_volume_access_mode: str = _option("ReadWriteOnce", "access mode of a created cache volume",
                                             choices=("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"))
     hub_secret: str = _option("kubetune-hub", "Secret with HF_TOKEN ('' = none)")
@@ -90,14 +90,7 @@ class PipelineOptions:
     def validate(self) -> None:
         problems: list[tuple[str, str]] = []
         volume = self.cache_volume.strip()
-        if volume == CREATE and not self.cache_volume_storage_class.strip():
-            problems.append((
-                "cache_volume=create needs a storage class: KFP's CreatePVC sends storageClassName '' otherwise, "
-                "which only binds pre-made volumes",
-                "name one with --cache-volume-storage-class (see `kubectl get storageclass`), or pass an existing "
-                "claim name as --cache-volume",
-            ))
-        elif volume and volume != CREATE and not _DNS_SUBDOMAIN.match(volume):
+        if volume and volume != CREATE and not _DNS_SUBDOMAIN.match(volume):
             problems.append((f"cache_volume {volume!r} is not a PersistentVolumeClaim name",
                              "use a lower-case claim name such as model-cache, or 'create'"))
         if self.cache_volume_access_mode not in ("ReadWriteOnce", "ReadWriteMany", "ReadWriteOncePod"):
@@ -149,32 +142,39 @@ class PipelineOptions:
                 f"{fallback}.")
 
 
-class PipelineOutputs(NamedTuple):
-    """The run's results, listed on the top of its Kubeflow run page."""
-
-    adapter: Model
-    report: HTML
-    training_report: HTML
-    mlflow_run_id: str
-
-
 def _docstring(descriptions: dict[str, str]) -> str:
     """A Google-style docstring whose Args section KFP turns into the parameter descriptions of the UI."""
     args = "\n".join(f"    {name}: {text}" for name, text in descriptions.items())
     return f"QLoRA fine-tuning pipeline.\n\nArgs:\n{args}\n"
 
 
-def _step_inputs(step: Step, params: dict, constants: dict) -> dict:
-    """The inputs of a step's component that the pipeline feeds: pipeline parameters and constants by name."""
+def _step_inputs(step: Step, params: dict, constants: dict, available: dict) -> dict:
+    """The inputs of a step's component that the pipeline feeds, by name: pipeline parameters and constants, and
+    earlier steps' outputs (which take precedence, e.g. the pinned model revision over the branch name)."""
     declared = step.component.component_spec.inputs or {}
-    return {name: value for name, value in {**params, **constants}.items() if name in declared}
+    upstream = {name: available[step.sources.get(name, name)] for name in declared
+                if step.sources.get(name, name) in available}
+    return {name: value for name, value in {**params, **constants}.items() if name in declared} | upstream
+
+
+def _constants(options: PipelineOptions) -> dict:
+    """Inputs the pipeline sets itself: the run's identity, the volume directories and the GPU count."""
+    train_placement = options.profile.steps["train_lora"]
+    volume = {"": "", CREATE: dsl.WORKSPACE_PATH_PLACEHOLDER}.get(options.cache_volume, CACHE_MOUNT)
+    return {
+        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+        "checkpoint_root": f"{volume}/checkpoints" if volume == CACHE_MOUNT else volume,
+        "cache_root": volume,
+        # one process per GPU: the accelerator count sets both the pod's GPU request and the DDP world size
+        "num_gpus": max(train_placement.accelerator_count, 1) if train_placement.uses_gpu else 1,
+    }
 
 
 def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - kfp reads annotations at runtime
     """Build the pipeline function for these options (compile it, or call it under kfp.local)."""
     options = options or PipelineOptions()
     options.validate()
-    train_placement = options.profile.steps["train_lora"]
     settings = pipeline_settings()
     parameters = [inspect.Parameter(s.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=s.default,
                                     annotation=s.type) for s in settings]
@@ -183,43 +183,58 @@ def make_pipeline(options: Optional[PipelineOptions] = None):  # noqa: UP045 - k
         parameters.append(inspect.Parameter(GPU_NODE_SELECTOR, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                             default=gpu_node_selector_default(options.profile), annotation=dict))
         descriptions[GPU_NODE_SELECTOR] = GPU_NODE_SELECTOR_HELP
-    constants = {
-        "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-        "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        "checkpoint_root": CHECKPOINT_ROOT if options.cache_volume else "",
-        # one process per GPU: the accelerator count sets both the pod's GPU request and the DDP world size
-        "num_gpus": max(train_placement.accelerator_count, 1) if train_placement.uses_gpu else 1,
-    }
+    constants = _constants(options)
 
-    def finetune(*values) -> PipelineOutputs:
+    def finetune(*values):
         params = dict(zip([p.name for p in parameters], values, strict=True))
         selector = params.pop(GPU_NODE_SELECTOR, None)
         available: dict = {}  # every earlier step's outputs by name: they feed later inputs of the same name
         tasks = {}
-        for step in STEPS:
-            inputs = step.component.component_spec.inputs or {}
-            artifacts = {name: available[step.sources.get(name, name)] for name in inputs
-                         if step.sources.get(name, name) in available}
-            task = step.component(**_step_inputs(step, params, constants), **artifacts)
+
+        def add(step: Step):
+            task = step.component(**_step_inputs(step, params, constants, available))
             task.set_display_name(step.display_name)
             _place(task, step, options, selector)
-            available |= {name: task.outputs[name] for name in step.component.component_spec.outputs or {}}
+            available.update({name: task.outputs[name] for name in step.component.component_spec.outputs or {}})
             tasks[step.name] = task
-        if options.cache_volume:
-            _mount_cache_volume([tasks[s.name] for s in STEPS if s.cache_volume], list(tasks.values()), options)
-        return PipelineOutputs(adapter=tasks["train_lora"].outputs["adapter"],
-                               report=tasks["evaluate_model"].outputs["report"],
-                               training_report=tasks["train_lora"].outputs["training_report"],
-                               mlflow_run_id=tasks["train_lora"].outputs["mlflow_run_id"])
 
-    finetune.__signature__ = inspect.Signature(parameters, return_annotation=PipelineOutputs)
+        # The exit step runs after the others however they ended (an OOM kill, eviction or cancel included), so
+        # the MLflow run is closed with the pipeline's real final state.
+        for step in STEPS:
+            if step.on_exit:
+                add(step)
+        exit_task = next(tasks[step.name] for step in STEPS if step.on_exit)
+        with dsl.ExitHandler(exit_task, name="fine-tune"):
+            for step in STEPS:
+                if not step.on_exit:
+                    add(step)
+        if options.cache_volume and options.cache_volume != CREATE:
+            for step in STEPS:
+                if step.cache_volume:
+                    kubernetes.mount_pvc(tasks[step.name], pvc_name=options.cache_volume, mount_path=CACHE_MOUNT)
+                    tasks[step.name].set_env_variable("HF_HOME", HF_HOME)
+
+    finetune.__signature__ = inspect.Signature(parameters)
     finetune.__doc__ = _docstring(descriptions)
     return dsl.pipeline(
         name=PIPELINE_NAME,
         display_name="kubetune: QLoRA fine-tuning",
         description="QLoRA fine-tuning: dataset prep (CPU) → 4-bit model load (CPU) → LoRA SFT (GPU) → "
-        "base-vs-tuned evaluation (GPU), logged to MLflow.",
+        "base-vs-tuned evaluation (GPU), logged to MLflow; the MLflow run is closed with the pipeline's final state.",
+        pipeline_config=_pipeline_config(options),
     )(finetune)
+
+
+def _pipeline_config(options: PipelineOptions) -> Optional[dsl.PipelineConfig]:  # noqa: UP045
+    """``cache_volume=create``: KFP's per-run workspace volume (created with the run, deleted after it) holds the
+    model download and the SFT checkpoints, so a retried pod resumes."""
+    if options.cache_volume != CREATE:
+        return None
+    patch = {"accessModes": [options.cache_volume_access_mode]}
+    if options.cache_volume_storage_class:
+        patch["storageClassName"] = options.cache_volume_storage_class
+    return dsl.PipelineConfig(workspace=dsl.WorkspaceConfig(
+        size=options.cache_volume_size, kubernetes=dsl.KubernetesWorkspaceConfig(pvcSpecPatch=patch)))
 
 
 def _place(task, step: Step, options: PipelineOptions, gpu_node_selector) -> None:
@@ -235,7 +250,7 @@ def _place(task, step: Step, options: PipelineOptions, gpu_node_selector) -> Non
                                         run_as_non_root=True)
     # A new MLflow run per pipeline run: the tracked steps are never served from the cache.
     task.set_caching_options(step.cached and options.cache_prep_and_model)
-    if not step.cached and options.retries:
+    if step.gpu and options.retries:  # SFT resumes from its checkpoints; evaluation is idempotent
         task.set_retry(num_retries=options.retries, backoff_duration=options.retry_backoff,
                        backoff_factor=2.0, backoff_max_duration="3600s")
 
@@ -251,34 +266,6 @@ def _use_secrets(task, step: Step, options: PipelineOptions) -> None:
     if options.gcs_secret and "object_store" in step.secrets:
         kubernetes.use_secret_as_volume(task, options.gcs_secret, mount_path=GCS_KEY_DIR, optional=True)
         task.set_env_variable("GOOGLE_APPLICATION_CREDENTIALS", f"{GCS_KEY_DIR}/{options.gcs_key_file}")
-
-
-def _mount_cache_volume(model_tasks: list, all_tasks: list, options: PipelineOptions) -> None:
-    """Mount the model cache at /cache with HF_HOME on it, so a model is downloaded once per volume.
-
-    "create": a claim named after the run id (the only name both CreatePVC and a DeletePVC without data
-    dependencies can know), deleted once every step has finished, failed or not. An existing claim is kept.
-    """
-    if options.cache_volume == CREATE:
-        created = kubernetes.CreatePVC(
-            pvc_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            access_modes=[options.cache_volume_access_mode],
-            size=options.cache_volume_size,
-            storage_class_name=options.cache_volume_storage_class,
-        ).set_display_name("Create model cache volume")
-        # A cached CreatePVC would hand out the name of a claim an earlier run deleted.
-        created.set_caching_options(False)
-        claim = created.outputs["name"]
-        delete = kubernetes.DeletePVC(pvc_name=dsl.PIPELINE_JOB_ID_PLACEHOLDER).set_display_name(
-            "Delete model cache volume"
-        )
-        delete.set_caching_options(False)
-        delete.after(*all_tasks).ignore_upstream_failure()
-    else:
-        claim = options.cache_volume
-    for task in model_tasks:
-        kubernetes.mount_pvc(task, pvc_name=claim, mount_path=CACHE_MOUNT)
-        task.set_env_variable("HF_HOME", HF_HOME)
 
 
 finetune_pipeline = make_pipeline()

@@ -6,7 +6,7 @@ forms of the pipeline never drift.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf import json_format
@@ -37,6 +37,9 @@ class StepSpec:
     artifacts_out: dict[str, str]  # step flag → schema title (system.Model, ...)
     dependencies: list[str]
     retry: dict[str, Any] | None  # KFP retryPolicy: maxRetryCount, backoffDuration, backoffFactor
+    parameters_in: dict[str, tuple[str, str]] = field(default_factory=dict)  # flag → (producer task, output)
+    parameters_out: list[str] = field(default_factory=list)  # output parameters (strings) the step writes
+    final_status: str = ""  # the input that receives the pipeline's final status (the exit step's)
 
 
 def spec_dict(pipeline=finetune_pipeline) -> dict[str, Any]:
@@ -78,33 +81,62 @@ def pipeline_parameters(spec: dict[str, Any] | None = None, order: list[str] | N
     return result
 
 
+def container_tasks(spec: dict[str, Any]) -> list[tuple[str, dict, dict, dict[str, str]]]:
+    """Every container task, nested DAGs (the exit handler's group) included: (name, task, component, the group's
+    channel names → pipeline parameters)."""
+    found = []
+
+    def visit(dag: dict[str, Any], channels: dict[str, str]) -> None:
+        for name, task in dag.get("tasks", {}).items():
+            component = spec["components"][task["componentRef"]["name"]]
+            if "dag" not in component:
+                found.append((name, task, component, channels))
+                continue
+            inner = {key: channels.get(source["componentInputParameter"], source["componentInputParameter"])
+                     for key, source in task.get("inputs", {}).get("parameters", {}).items()
+                     if "componentInputParameter" in source}
+            visit(component["dag"], inner)
+
+    visit(spec["root"]["dag"], {})
+    return found
+
+
 def pipeline_steps(spec: dict[str, Any] | None = None) -> list[StepSpec]:
-    """The KFP DAG's tasks: which pipeline parameters and which upstream outputs feed each step."""
+    """The KFP DAG's tasks: which pipeline parameters and which upstream outputs feed each step (a group such as
+    the exit handler's is looked through: its tasks are the steps)."""
     spec = spec or spec_dict()
     steps = []
-    for task_name, task in spec["root"]["dag"]["tasks"].items():
+    for task_name, task, component, channels in container_tasks(spec):
         if task_name.replace("-", "_") not in BY_NAME:
             raise ValueError(f"KFP task {task_name} is not in the step table")
-        component = spec["components"][task["componentRef"]["name"]]
-        inputs, constants, artifacts_in = {}, {}, {}
+        inputs, constants, artifacts_in, parameters_in, final_status = {}, {}, {}, {}, ""
         for flag, source in task.get("inputs", {}).get("parameters", {}).items():
             if "componentInputParameter" in source:
-                inputs[flag] = source["componentInputParameter"]
+                inputs[flag] = channels.get(source["componentInputParameter"], source["componentInputParameter"])
             elif "runtimeValue" in source:
                 constant = source["runtimeValue"]["constant"]
                 constants[flag] = RUNTIME_VALUES.get(constant, constant) if isinstance(constant, str) else \
                     json.dumps(constant)
+            elif "taskOutputParameter" in source:
+                producer = source["taskOutputParameter"]
+                parameters_in[flag] = (producer["producerTask"], producer["outputParameterKey"])
+            elif "taskFinalStatus" in source:
+                final_status = flag
             else:
                 raise ValueError(f"KFP task {task_name} input {flag} comes from {source}, which Argo cannot map")
         for flag, source in task.get("inputs", {}).get("artifacts", {}).items():
             producer = source["taskOutputArtifact"]
             artifacts_in[flag] = (producer["producerTask"], producer["outputArtifactKey"])
-        outputs = component.get("outputDefinitions", {}).get("artifacts", {})
+        outputs = component.get("outputDefinitions", {})
         steps.append(StepSpec(
             task=task_name, step=BY_NAME[task_name.replace("-", "_")], inputs=inputs, constants=constants,
             artifacts_in=artifacts_in,
-            artifacts_out={flag: out["artifactType"]["schemaTitle"] for flag, out in outputs.items()},
-            dependencies=sorted(task.get("dependentTasks", [])),
+            artifacts_out={flag: out["artifactType"]["schemaTitle"]
+                           for flag, out in outputs.get("artifacts", {}).items()},
+            dependencies=[] if final_status else sorted(task.get("dependentTasks", [])),
             retry=task.get("retryPolicy"),
+            parameters_in=parameters_in,
+            parameters_out=sorted(outputs.get("parameters", {})),
+            final_status=final_status,
         ))
     return sorted(steps, key=lambda spec: STEPS.index(spec.step))

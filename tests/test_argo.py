@@ -26,7 +26,9 @@ SCHEMA_CANDIDATES = (
     Path(__file__).resolve().parents[2] / "shared" / "argo" / "workflow-schema.json",  # CI: ../shared
     Path("/work/shared/argo/workflow-schema.json"),
 )
-STEPS = ("prepare-dataset", "quantize-model", "train-lora", "evaluate-model")
+DAG_STEPS = ("resolve-sources", "prepare-dataset", "quantize-model", "train-lora", "evaluate-model")
+EXIT_STEP = "finish-run"  # the workflow's onExit handler
+STEPS = (*DAG_STEPS, EXIT_STEP)
 GPU_TASKS = ("train-lora", "evaluate-model")
 PROFILES = profile_names()
 
@@ -125,11 +127,30 @@ def test_workflow_header(manifests):
 
 def test_dag_order(manifests):
     dag = _dag(manifests["default"])
-    assert set(dag) == set(STEPS)
-    assert "dependencies" not in dag["prepare-dataset"] and "dependencies" not in dag["quantize-model"]
+    assert set(dag) == set(DAG_STEPS)
+    assert "dependencies" not in dag["resolve-sources"]
+    assert dag["prepare-dataset"]["dependencies"] == dag["quantize-model"]["dependencies"] == ["resolve-sources"]
     assert set(dag["train-lora"]["dependencies"]) == {"prepare-dataset", "quantize-model"}
     assert "train-lora" in dag["evaluate-model"]["dependencies"]
-    assert {dag[name]["template"] for name in STEPS} == set(STEPS)
+    assert {dag[name]["template"] for name in DAG_STEPS} == set(DAG_STEPS)
+
+
+def test_exit_handler_and_pinned_versions(manifests):
+    """onExit closes the MLflow run with the workflow's final state; prep and quantize read the versions and the
+    pinned hub commit resolve-sources wrote as output parameters."""
+    manifest = manifests["default"]
+    assert manifest["spec"]["onExit"] == EXIT_STEP
+    finish = _templates(manifest)[EXIT_STEP]["container"]
+    assert "--status={{workflow.status}}" in finish["args"] and "--kfp_run_id={{workflow.uid}}" in finish["args"]
+    assert "--mlflow_tracking_uri={{workflow.parameters.mlflow_tracking_uri}}" in finish["args"]
+    assert not any("failures" in arg for arg in finish["args"])  # undefined when nothing failed
+    resolve = _templates(manifest)["resolve-sources"]
+    written = {p["name"]: p["valueFrom"]["path"] for p in resolve["outputs"]["parameters"]}
+    assert set(written) == {"dataset_version", "model_version", "pinned_revision"}
+    assert all(f"--{name}={path}" in resolve["container"]["args"] for name, path in written.items())
+    prep = {p["name"]: p["value"] for p in _dag(manifest)["prepare-dataset"]["arguments"]["parameters"]}
+    assert prep["model_revision"] == "{{tasks.resolve-sources.outputs.parameters.pinned_revision}}"
+    assert prep["dataset_version"] == "{{tasks.resolve-sources.outputs.parameters.dataset_version}}"
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -159,15 +180,21 @@ def test_node_selector_and_tolerations_follow_the_profile(manifests):
     arguments = {p["name"]: p["value"] for p in manifest["spec"]["arguments"]["parameters"]}
     # the run-time selector (a workflow parameter, as in KFP) defaults to the profile's and patches the GPU pods
     assert json.loads(arguments["gpu_node_selector"]) == profile["train_lora"].node_selector
+    selector = '"nodeSelector": {{workflow.parameters.gpu_node_selector}}'
+    # SFT saves a checkpoint on SIGTERM: its pod gets the grace period for a step and a save
+    assert templates["train-lora"]["podSpecPatch"] == "{" + selector + ', "terminationGracePeriodSeconds": 600}'
+    assert templates["evaluate-model"]["podSpecPatch"] == "{" + selector + "}"
     for name in GPU_TASKS:
-        assert templates[name]["podSpecPatch"] == '{"nodeSelector": {{workflow.parameters.gpu_node_selector}}}'
+        patch = templates[name]["podSpecPatch"].replace("{{workflow.parameters.gpu_node_selector}}", "{}")
+        assert json.loads(patch)["nodeSelector"] == {}  # valid JSON once Argo substitutes the parameter
         assert templates[name]["tolerations"] == profile[name.replace("-", "_")].tolerations
     for name in ("prepare-dataset", "quantize-model"):
         assert "tolerations" not in templates[name] and "podSpecPatch" not in templates[name]
 
     static = _templates(_manifest("h100", runtime_gpu_node_selector=False))
     assert static["train-lora"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert "podSpecPatch" not in static["train-lora"]
+    assert json.loads(static["train-lora"]["podSpecPatch"]) == {"terminationGracePeriodSeconds": 600}
+    assert "podSpecPatch" not in static["evaluate-model"]
 
 
 def test_retry_strategy_on_train_and_evaluate(manifests):
@@ -212,7 +239,7 @@ def test_outputs_feed_inputs_through_the_volume(manifests):
     def paths(name: str) -> dict[str, str]:
         return dict(arg[2:].split("=", 1) for arg in templates[name]["container"]["args"] if "=/workspace/" in arg)
 
-    prep, load, train, evaluate = (paths(name) for name in STEPS)
+    prep, load, train, evaluate = (paths(name) for name in STEPS[1:5])
     assert train["train_data"] == prep["train_data"] and train["model"] == load["model"]
     assert evaluate["adapter"] == train["adapter"] and evaluate["eval_data"] == prep["eval_data"]
     assert evaluate["report"].endswith(".html") and all("{{workflow.name}}" in p for p in evaluate.values())
@@ -284,9 +311,11 @@ def test_step_commands_parse_with_the_step_cli(manifests):
 
     manifest = manifests["h100"]
     defaults = {f"workflow.parameters.{p['name']}": p["value"] for p in manifest["spec"]["arguments"]["parameters"]}
-    defaults |= {"workflow.name": "kubetune-finetune-x1", "workflow.uid": "0b7c"}
+    defaults |= {"workflow.name": "kubetune-finetune-x1", "workflow.uid": "0b7c", "workflow.status": "Failed"}
+    defaults |= {f"tasks.resolve-sources.outputs.parameters.{name}": "sha256-0f"
+                 for name in ("dataset_version", "model_version", "pinned_revision")}
     parser = build_parser()
-    for name, task in _dag(manifest).items():
+    for name, task in {**_dag(manifest), EXIT_STEP: {"arguments": {"parameters": []}}}.items():
         inputs = {f"inputs.parameters.{p['name']}": _render(p["value"], defaults)
                   for p in task["arguments"]["parameters"]}
         container = _templates(manifest)[name]["container"]
@@ -297,6 +326,8 @@ def test_step_commands_parse_with_the_step_cli(manifests):
             assert args.kfp_run_id == "0b7c" and args.lora_r == 16 and args.lean is False
         if name == "evaluate-model":
             assert len(args.probe_questions) == 2 and args.report.endswith("/evaluate-model/report.html")
+        if name == EXIT_STEP:
+            assert args.status == "Failed" and args.kfp_run_id == "0b7c"
 
 
 # -- command ---------------------------------------------------------------------------------------------------
@@ -426,7 +457,7 @@ def test_submit_to_an_unreachable_host_gives_a_clear_error():
 
 
 def test_server_address_as_the_argo_cli_takes_it():
-    from kubetune.pipelines.argo import server_url
+    from kubetune.pipelines.argo_server import server_url
 
     assert server_url("localhost:2746", {}) == "https://localhost:2746"
     assert server_url("localhost:2746", {"ARGO_SECURE": "false"}) == "http://localhost:2746"

@@ -60,8 +60,20 @@ class Compiled:
         }
 
     @property
-    def tasks(self):
-        return self.spec.root.dag.tasks
+    def tasks(self) -> dict:
+        """Every container task by name, the exit handler's group looked through."""
+        found = {}
+
+        def visit(dag) -> None:
+            for name, task in dag.tasks.items():
+                component = self.spec.components[task.component_ref.name]
+                if component.WhichOneof("implementation") == "dag":
+                    visit(component.dag)
+                else:
+                    found[name] = task
+
+        visit(self.spec.root.dag)
+        return found
 
     def executor(self, task: str) -> str:
         return self.spec.components[self.tasks[task].component_ref.name].executor_label
@@ -141,7 +153,9 @@ def test_placement_per_executor(profile, tmp_path):
             (shm,) = [m for m in config.empty_dir_mounts if m.mount_path == "/dev/shm"]
             assert shm.medium == "Memory" and shm.size_limit == want.shm_size
             # the GPU node selector is the run-time parameter; its default is the profile's selector
-            assert config.node_selector.node_selector_json.component_input_parameter == "gpu_node_selector"
+            # (inside the exit handler's group, the pipeline parameter arrives as its channel)
+            selector = config.node_selector.node_selector_json.component_input_parameter
+            assert selector.removeprefix("pipelinechannel--") == "gpu_node_selector"
             assert not config.node_selector.labels, "labels beside nodeSelectorJson are ignored by the KFP driver"
             assert [json_format.MessageToDict(t) for t in config.tolerations] == [
                 {k: v for k, v in t.items() if v is not None} for t in want.tolerations
@@ -212,13 +226,30 @@ def test_retries_caching_security_and_display_names(tmp_path):
             assert spec.retry_policy.backoff_duration.seconds == 60
             assert spec.retry_policy.backoff_factor == 2.0
             assert spec.retry_policy.backoff_max_duration.seconds == 3600
-            assert not spec.caching_options.enable_cache, "tracked steps open one MLflow run per pipeline run"
         else:
             assert not spec.HasField("retry_policy")
-            assert spec.caching_options.enable_cache
+        # Tracked steps open one MLflow run per pipeline run; resolve_sources looks at the sources afresh.
+        assert spec.caching_options.enable_cache == (step in ("prepare_dataset", "quantize_model")), step
     assert {compiled.tasks[t].task_info.name for t in TASKS.values()} == {
-        "Prepare dataset", "Load model in 4-bit", "LoRA SFT", "Evaluate base vs tuned"
+        "Pin dataset and model versions", "Prepare dataset", "Load model in 4-bit", "LoRA SFT",
+        "Evaluate base vs tuned", "Close the MLflow run",
     }
+
+
+def test_cache_keys_hold_the_resolved_source_versions(tmp_path):
+    """KFP's cache key is made of a task's inputs: the cached steps take the versions resolve_sources found (and
+    the hub commit it pinned), so new content behind an unchanged name is a new key."""
+    compiled = compile_with(tmp_path, options())
+
+    def from_resolve(task: str) -> dict[str, str]:
+        return {name: value.task_output_parameter.output_parameter_key
+                for name, value in compiled.tasks[task].inputs.parameters.items()
+                if value.task_output_parameter.producer_task == "resolve-sources"}
+
+    assert from_resolve("prepare-dataset") == {"dataset_version": "dataset_version", "model_version": "model_version",
+                                               "model_revision": "pinned_revision"}
+    assert from_resolve("quantize-model") == {"model_version": "model_version", "model_revision": "pinned_revision"}
+    assert not compiled.tasks["resolve-sources"].caching_options.enable_cache
 
 
 def test_security_context_left_to_the_cluster(tmp_path):
@@ -308,7 +339,7 @@ def test_existing_claim_mounted_in_model_steps(tmp_path):
     compiled = compile_with(tmp_path, options("h100", cache_volume="model-cache"))
     for step, task in TASKS.items():
         mounts = compiled.kubernetes(task).pvc_mount
-        if step == "prepare_dataset":
+        if step in ("prepare_dataset", "finish_run"):
             assert not mounts
             continue
         (mount,) = mounts
@@ -323,28 +354,26 @@ def test_existing_claim_mounted_in_model_steps(tmp_path):
     assert set(compiled.tasks) == set(TASKS.values()), "an existing claim is neither created nor deleted"
 
 
-def test_created_volume_is_deleted_whatever_happens(tmp_path):
+def test_created_volume_is_the_runs_kfp_workspace(tmp_path):
+    """cache_volume=create: KFP's pipeline workspace (created with the run, deleted after it) instead of
+    hand-built CreatePVC/DeletePVC tasks; the SFT checkpoints and the hub download go on it."""
     compiled = compile_with(tmp_path, options(cache_volume="create", cache_volume_storage_class="fast-rwx",
                                               cache_volume_size="300Gi", cache_volume_access_mode="ReadWriteMany"))
-    create, delete = compiled.tasks["createpvc"], compiled.tasks["deletepvc"]
-    arguments = {name: json_format.MessageToDict(value.runtime_value.constant)
-                 for name, value in create.inputs.parameters.items()}
-    assert arguments == {"access_modes": ["ReadWriteMany"], "size": "300Gi", "storage_class_name": "fast-rwx",
-                         "pvc_name": dsl.PIPELINE_JOB_ID_PLACEHOLDER}
-    assert delete.inputs.parameters["pvc_name"].runtime_value.constant.string_value == dsl.PIPELINE_JOB_ID_PLACEHOLDER
-    assert not create.caching_options.enable_cache and not delete.caching_options.enable_cache
-    assert set(delete.dependent_tasks) == set(TASKS.values())
-    assert delete.trigger_policy.strategy == pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
-    for step in ("quantize_model", "train_lora", "evaluate_model"):
-        (mount,) = compiled.kubernetes(TASKS[step]).pvc_mount
-        assert mount.pvc_name_parameter.task_output_parameter.producer_task == "createpvc"
-        assert mount.pvc_name_parameter.task_output_parameter.output_parameter_key == "name"
-        assert "createpvc" in compiled.tasks[TASKS[step]].dependent_tasks
-
-
-def test_created_volume_needs_a_storage_class():
-    with pytest.raises(KubetuneError, match="storage class"):
-        compile_pipeline("/dev/null", options(cache_volume="create"))
+    platform = json_format.ParseDict(list(yaml.safe_load_all(compiled.text))[1], pipeline_spec_pb2.PlatformSpec())
+    workspace = json_format.MessageToDict(platform.platforms["kubernetes"].pipelineConfig.workspace)
+    assert workspace == {"size": "300Gi", "kubernetes": {"pvcSpecPatch": {
+        "accessModes": ["ReadWriteMany"], "storageClassName": "fast-rwx"}}}
+    assert set(compiled.tasks) == set(TASKS.values()), "no CreatePVC/DeletePVC tasks"
+    assert _train_argument(compiled, "checkpoint_root") == dsl.WORKSPACE_PATH_PLACEHOLDER
+    quantize = compiled.tasks["quantize-model"].inputs.parameters["cache_root"]
+    assert quantize.runtime_value.constant.string_value == dsl.WORKSPACE_PATH_PLACEHOLDER
+    for task in TASKS.values():
+        assert not compiled.kubernetes(task).pvc_mount
+    # Without a storage class the workspace uses the installation's default (KFP's own configuration).
+    default = compile_with(tmp_path, options(cache_volume="create"), "default.yaml")
+    platform = json_format.ParseDict(list(yaml.safe_load_all(default.text))[1], pipeline_spec_pb2.PlatformSpec())
+    patch = json_format.MessageToDict(platform.platforms["kubernetes"].pipelineConfig.workspace)["kubernetes"]
+    assert patch == {"pvcSpecPatch": {"accessModes": ["ReadWriteOnce"]}}
 
 
 # -- Kubeflow UI -------------------------------------------------------------------------------------------------
@@ -380,13 +409,28 @@ def test_metrics_and_report_reach_the_run_page(tmp_path):
                                      "training_report": "system.HTML", "mlflow_store": "system.Artifact"}
     assert outputs("prepare-dataset")["stats"] == "system.Metrics"
     assert outputs("prepare-dataset")["summary"] == "system.Markdown"
-    root_outputs = compiled.spec.root.output_definitions.artifacts
-    assert {name: a.artifact_type.schema_title for name, a in root_outputs.items()} == {
-        "adapter": "system.Model", "report": "system.HTML", "training_report": "system.HTML"
-    }
-    # The run's MLflow run id is listed at the top of the run page too, and the pipeline has a display name.
-    assert list(compiled.spec.root.output_definitions.parameters) == ["mlflow_run_id"]
     assert compiled.spec.pipeline_info.display_name == "kubetune: QLoRA fine-tuning"
+
+
+def test_exit_handler_closes_the_mlflow_run_whatever_ended_the_steps(tmp_path):
+    """Every step but the final-status one runs inside a dsl.ExitHandler group; that one runs after the group
+    however it ended, and receives its final status."""
+    compiled = compile_with(tmp_path, options())
+    root = compiled.spec.root.dag.tasks
+    assert set(root) == {"exit-handler-1", "finish-run"}
+    assert root["exit-handler-1"].task_info.name == "fine-tune"
+    inner = compiled.spec.components[root["exit-handler-1"].component_ref.name].dag.tasks
+    assert set(inner) == set(TASKS.values()) - {"finish-run"}
+    final = root["finish-run"]
+    assert final.trigger_policy.strategy == \
+        pipeline_spec_pb2.PipelineTaskSpec.TriggerPolicy.ALL_UPSTREAM_TASKS_COMPLETED
+    assert final.inputs.parameters["status"].task_final_status.producer_task == "exit-handler-1"
+    assert final.inputs.parameters["kfp_run_id"].runtime_value.constant.string_value == \
+        dsl.PIPELINE_JOB_ID_PLACEHOLDER
+    assert final.inputs.parameters["mlflow_tracking_uri"].component_input_parameter == "mlflow_tracking_uri"
+    assert not final.caching_options.enable_cache and not final.HasField("retry_policy")
+    assert not compiled.container("finish-run").resources.accelerator.resource_type
+    assert set(compiled.secret_env("finish-run")) == set(SECRET_KEYS["mlflow"])
 
 
 def test_cli_compile_takes_placement_flags(tmp_path):
@@ -421,10 +465,10 @@ def test_component_yaml_keeps_interface_and_descriptions(name):
     header = original.description.splitlines()[0]
     assert f"# Description: {header}" in path.read_text(encoding="utf-8")
     assert set(spec.inputs) == set(original.inputs)
-    assert set(spec.outputs) == set(original.outputs)
+    assert set(spec.outputs or {}) == set(original.outputs or {})
     for io_name, io_spec in spec.inputs.items():
         assert (io_spec.type, io_spec.default) == (original.inputs[io_name].type, original.inputs[io_name].default)
-    for io_name, io_spec in spec.outputs.items():
+    for io_name, io_spec in (spec.outputs or {}).items():
         assert io_spec.type == original.outputs[io_name].type
     # Every input and output keeps its description in the file. (kfp 2.17's loader does not copy them onto the
     # loaded InputSpec/OutputSpec objects, so read the file with KFP's proto.)
@@ -433,7 +477,7 @@ def test_component_yaml_keeps_interface_and_descriptions(name):
     for definitions in (ir.input_definitions, ir.output_definitions):
         described.update({k: v.description for k, v in definitions.parameters.items()})
         described.update({k: v.description for k, v in definitions.artifacts.items()})
-    assert set(described) == set(spec.inputs) | set(spec.outputs)
+    assert set(described) == set(spec.inputs) | set(spec.outputs or {})
     assert all(described.values()), [k for k, v in described.items() if not v]
     image = spec.implementation.container.image
     assert image == (IMAGES.gpu if name in GPU_STEPS else IMAGES.cpu)
@@ -457,7 +501,7 @@ def test_users_pipeline_from_component_yamls_alone(tmp_path):
     path = tmp_path / "mine.yaml"
     compiler.Compiler().compile(my_pipeline, str(path))
     compiled = Compiled(path.read_text(encoding="utf-8"))
-    assert set(compiled.tasks) == set(TASKS.values())
+    assert set(compiled.tasks) == {"prepare-dataset", "quantize-model", "train-lora", "evaluate-model"}
     assert compiled.container("train-lora").resources.accelerator.resource_type == "nvidia.com/gpu"
     assert compiled.tasks["train-lora"].inputs.parameters["lora_r"].runtime_value.constant.number_value == 8
     assert compiled.container("evaluate-model").image == IMAGES.gpu

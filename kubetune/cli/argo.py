@@ -20,10 +20,9 @@ from kubetune.pipelines.argo import (
     DEFAULT_PVC_SIZE,
     ArgoOptions,
     build_workflow,
-    server_url,
-    submit_workflow,
     write_workflow,
 )
+from kubetune.pipelines.argo_server import server_url, submit_workflow
 
 
 def cmd_argo(args: argparse.Namespace) -> int:

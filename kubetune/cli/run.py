@@ -17,7 +17,7 @@ from kfp import local
 from kubetune.cli.params import parse_params
 from kubetune.errors import KubetuneError
 from kubetune.parameters import pipeline_settings, validate_parameters
-from kubetune.pipelines import finetune_pipeline
+from kubetune.pipelines import PipelineOptions, make_pipeline
 from kubetune.secrets import without_credentials
 from kubetune.storage import atomic_file
 from kubetune.tiny import ensure_tiny_model
@@ -57,10 +57,17 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
         digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
         checkpoints = workdir / "checkpoints" / digest
         params["checkpoint_dir"] = str(checkpoints)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "outputs"),
-               raise_on_error=True)
+    outputs = workdir / "outputs"
+    outputs.mkdir(exist_ok=True)
+    earlier = set(outputs.iterdir())
+    # kfp.local's cache serves dataset prep and the 4-bit model again while the versions resolve_sources finds
+    # (content hashes, hub commits) and the settings are unchanged, like KFP's cache on a cluster.
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(outputs), raise_on_error=True,
+               enable_caching=True, cache_root=str(workdir / "cache"), workspace_root=str(workdir / "workspace"))
     try:
-        task = finetune_pipeline(**params)
+        # No retries here: kfp.local would repeat a failed step after minutes of backoff; running the same
+        # command again resumes training from its checkpoints instead.
+        make_pipeline(PipelineOptions(retries=0))(**params)
     except RuntimeError as error:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
         if "FAILURE" not in str(error):
             raise
@@ -71,21 +78,29 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
         ) from None
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
-    adapter = task.outputs["adapter"]
+    run_dir = max(set(outputs.iterdir()) - earlier, key=lambda path: path.stat().st_mtime)
+    train, evaluate = task_outputs(run_dir / "train-lora"), task_outputs(run_dir / "evaluate-model")
     # KFP names the artifacts "report" and "training_report": copies with .html open in a browser as pages.
-    pages = {name: workdir / f"{name}.html" for name in ("report", "training_report")}
-    for name, page in pages.items():
-        with atomic_file(page) as staging:
-            shutil.copyfile(task.outputs[name].path, staging)
+    pages = {"report": evaluate["report"], "training_report": train["training_report"]}
+    for name, artifact in pages.items():
+        with atomic_file(workdir / f"{name}.html") as staging:
+            shutil.copyfile(artifact["path"], staging)
     return {
-        "adapter": adapter.path,
-        "report": str(pages["report"]),
-        "training_report": str(pages["training_report"]),
-        "mlflow_run_id": adapter.metadata.get("mlflow_run_id", ""),
+        "adapter": train["adapter"]["path"],
+        "report": str(workdir / "report.html"),
+        "training_report": str(workdir / "training_report.html"),
+        "mlflow_run_id": train["adapter"]["metadata"].get("mlflow_run_id", ""),
         "mlflow_tracking_uri": without_credentials(tracking_uri),
         "mlflow_experiment": params.get("mlflow_experiment", "kubetune"),
         "base_model": params["base_model"],
     }
+
+
+def task_outputs(task_dir: Path) -> dict[str, dict[str, Any]]:
+    """A kfp.local task's output artifacts (path and metadata by name), from the executor output it wrote."""
+    written = json.loads((task_dir / "executor_output.json").read_text(encoding="utf-8"))
+    return {name: {"path": entry["artifacts"][0]["uri"], "metadata": entry["artifacts"][0].get("metadata", {})}
+            for name, entry in written.get("artifacts", {}).items()}
 
 
 def cmd_run(args: argparse.Namespace) -> int:

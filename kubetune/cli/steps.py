@@ -1,4 +1,4 @@
-"""The four pipeline steps as commands: ``kubetune prep | quantize | train | evaluate``.
+"""The pipeline steps as commands: ``kubetune resolve | prep | quantize | train | evaluate | finish``.
 
 They run inside the kubetune images, as the containers of the plain Argo Workflow (``kubetune argo``), and call
 the same :mod:`kubetune.steps` functions as the KFP components. Flags carry the names of the component inputs
@@ -69,7 +69,31 @@ def _path(parser: argparse.ArgumentParser, name: str, help_text: str, *, require
                         required=required, default="", metavar="PATH", help=help_text)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as staging:
+        Path(staging).write_text(text, encoding="utf-8")
+
+
 # -- steps -----------------------------------------------------------------------------------------------------
+def run_resolve(args: argparse.Namespace) -> dict[str, Any]:
+    """Source versions: the dataset's and the base model's current versions (the cache keys of prep and
+    quantize) and the hub commit the model revision points to, each written to the file its flag names."""
+    versions = steps.resolve(args.dataset, args.base_model, args.model_revision)
+    for name, value in versions.items():
+        if getattr(args, name):
+            write_text(getattr(args, name), value)
+    return versions
+
+
+def run_finish(args: argparse.Namespace) -> dict[str, Any]:
+    """Final status: close the pipeline run's MLflow run with the workflow's final state (Argo's onExit)."""
+    closing = steps.finish(
+        Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name),
+        args.status, error=args.error)
+    return {"mlflow_run_id": closing.run_id, "status": closing.status, "failed_step": closing.failed_step,
+            "message": closing.message}
+
+
 def run_prep(args: argparse.Namespace) -> dict[str, Any]:
     """Dataset prep: writes the train/eval datasets, their metadata, the statistics and the Markdown summary."""
     values = {k: v for k, v in vars(args).items() if k not in _COLUMN_FIELDS}
@@ -78,13 +102,13 @@ def run_prep(args: argparse.Namespace) -> dict[str, Any]:
     config = from_dict(DataConfig, {**values, **steps.parse_columns(args.columns)})
     stats, markdown, metadata = steps.prepare(config, args.base_model, args.train_data, args.eval_data,
                                               revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+    metadata.update(dataset_version=args.dataset_version, model_version=args.model_version)
     for output in (args.train_data, args.eval_data):
         write_json(metadata_path(output), metadata)
     stats_path = args.stats or beside(args.train_data, ".stats.json")
     summary_path = args.summary or beside(args.train_data, ".summary.md")
     write_json(stats_path, steps.numbers(stats))
-    with atomic_file(summary_path) as staging:
-        Path(staging).write_text(markdown, encoding="utf-8")
+    write_text(summary_path, markdown)
     return {"train_data": args.train_data, "eval_data": args.eval_data, "stats": stats_path,
             "summary": summary_path, **steps.numbers(stats)}
 
@@ -92,7 +116,9 @@ def run_prep(args: argparse.Namespace) -> dict[str, Any]:
 def run_quantize(args: argparse.Namespace) -> dict[str, Any]:
     """4-bit model load: writes the quantized model directory and ``<model>.metadata.json``."""
     metadata = steps.quantize(args.base_model, args.model, from_dict(QuantConfig, vars(args)),
-                              revision=args.model_revision, trust_remote_code=args.trust_remote_code)
+                              revision=args.model_revision, trust_remote_code=args.trust_remote_code,
+                              cache_root=args.cache_root)
+    metadata["model_version"] = args.model_version
     write_json(metadata_path(args.model), metadata)
     return {"model": args.model, **steps.numbers(metadata)}
 
@@ -184,8 +210,29 @@ def _run_flags(parser: argparse.ArgumentParser) -> None:
     add_flag(parser, "kfp_run_name", "", "Name of the orchestrator's run, used as the MLflow run name")
 
 
+def _version_flags(parser: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    for name in names:
+        add_flag(parser, name, "", f"The {name.split('_')[0]}'s version from `kubetune resolve` (cache key, recorded)")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``prep``, ``quantize``, ``train`` and ``evaluate`` on a subparsers object."""
+    """Register the step commands on a subparsers object."""
+    resolve = sub.add_parser("resolve", help="step 0: find the dataset's and model's current versions (CPU)",
+                             description=run_resolve.__doc__)
+    for name in ("dataset_version", "model_version", "pinned_revision"):
+        _path(resolve, name, f"output: file to write {name} into", required=False)
+    add_setting_flags(resolve, ("dataset", *MODEL))
+    resolve.set_defaults(func=_run, step_func=run_resolve)
+
+    finish = sub.add_parser("finish", help="last step: close the MLflow run with the pipeline's final state (CPU)",
+                            description=run_finish.__doc__)
+    finish.add_argument("--status", required=True, help="the workflow's final state ({{workflow.status}})")
+    finish.add_argument("--error", default="", help="the orchestrator's error message, recorded on a failed run")
+    add_setting_flags(finish, TRACKING[:2], "MLflow")
+    add_flag(finish, "kfp_run_id", "", "Id of the orchestrator's run, as the tracked steps tagged it")
+    add_flag(finish, "kfp_run_name", "", "Name of the orchestrator's run")
+    finish.set_defaults(func=_run, step_func=run_finish)
+
     prep = sub.add_parser("prep", help="step 1: prepare the SFT dataset (CPU)",
                           description=run_prep.__doc__)
     _path(prep, "train_data", "output: the prepared training set (parquet)")
@@ -193,6 +240,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(prep, "stats", "output: statistics JSON (default: <train_data>.stats.json)", required=False)
     _path(prep, "summary", "output: Markdown summary (default: <train_data>.summary.md)", required=False)
     add_setting_flags(prep, (*MODEL, "columns", "trust_remote_code"))
+    _version_flags(prep, ("dataset_version", "model_version"))
     add_config_flags(prep, DataConfig, skip=_COLUMN_FIELDS)
     prep.set_defaults(func=_run, step_func=run_prep)
 
@@ -200,6 +248,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            description=run_quantize.__doc__)
     _path(quant, "model", "output: the quantized model directory")
     add_setting_flags(quant, (*MODEL, "trust_remote_code"))
+    _version_flags(quant, ("model_version",))
+    add_flag(quant, "cache_root", "", "Volume directory for the hub download (HF_HOME=<cache_root>/huggingface)")
     add_config_flags(quant, QuantConfig)
     quant.set_defaults(func=_run, step_func=run_quantize)
 
