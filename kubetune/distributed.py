@@ -97,6 +97,10 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+SHUTDOWN_TIMEOUT_S = 300
+"""How long torchrun waits for its workers after passing on SIGTERM (they save a checkpoint) before SIGKILL."""
+
+
 def run_torchrun(nproc: int, target: list[str], *, error_dir: str | Path) -> None:
     """Run ``target`` (``-m module args`` or ``script.py args``) under torchrun and wait for every rank.
 
@@ -108,9 +112,18 @@ def run_torchrun(nproc: int, target: list[str], *, error_dir: str | Path) -> Non
     env = child_env()
     env["KUBETUNE_ERROR_DIR"] = str(error_dir)
     log.info("launching %d processes: %s", nproc, " ".join(command))
-    process = subprocess.Popen(command, env=env)
+    # torchrun's own session: a pod's SIGTERM reaches it once, through this launcher, not twice (the process
+    # group's and ours); and it gives its workers the time of a checkpoint save before it kills them.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        process.send_signal(signum)
+
     forwarding = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda signum, _: process.send_signal(signum)) if forwarding else None
+    previous = signal.signal(signal.SIGTERM, forward) if forwarding else None
     try:
         code = process.wait()
     except KeyboardInterrupt:
@@ -120,6 +133,8 @@ def run_torchrun(nproc: int, target: list[str], *, error_dir: str | Path) -> Non
     finally:
         if forwarding:
             signal.signal(signal.SIGTERM, previous)
+    if code != 0 and received:  # the ranks saved a checkpoint and stopped: the step ends as a stopped process
+        raise SystemExit(128 + received[0])
     if code != 0:
         raise _failure(nproc, code, Path(error_dir))
 

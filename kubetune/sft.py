@@ -207,7 +207,8 @@ def train_lora(
     """Train a LoRA adapter on the prepared dataset and save it (safetensors) with the tokenizer.
 
     Checkpoints go to ``checkpoint_dir``; when a complete checkpoint is there, training resumes from it.
-    The adapter directory appears only once it is complete.
+    The adapter directory appears only once it is complete. SIGTERM or Ctrl-C during training saves a checkpoint
+    and raises :class:`kubetune.preemption.StoppedBySignal` (the process exits 143 or 130).
     """
     import torch
     from transformers import AutoConfig
@@ -218,6 +219,7 @@ def train_lora(
     from kubetune.fused_lora import fuse_lora_layers
     from kubetune.host_embedding import embed_on_host
     from kubetune.modeling import load_model, load_tokenizer, read_model_metadata
+    from kubetune.preemption import StopOnSignal
 
     lora.validate()
     train.validate()
@@ -242,6 +244,7 @@ def train_lora(
     peft = peft_config(lora, targets)
     started = [time.time()]
     step_metrics = _step_callback(metrics_sink, started)
+    stop = StopOnSignal()  # SIGTERM (a preempted pod): save checkpoint-N, stop, exit 143; the retry resumes
     # Rank 0 tokenizes and packs first; the other ranks then read its datasets cache instead of racing to write it.
     with args.main_process_first(local=True, desc="packing the training set"):
         trainer = SFTTrainer(
@@ -250,7 +253,7 @@ def train_lora(
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=peft,
-            callbacks=[step_metrics, *(extra_callbacks or [])],
+            callbacks=[step_metrics, stop, *(extra_callbacks or [])],
         )
     if plan.fused_lora:
         fuse_lora_layers(trainer.model)
@@ -258,7 +261,9 @@ def train_lora(
     resumed_from_step = int(resume.rsplit("-", 1)[-1]) if resume else 0
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    output = trainer.train(resume_from_checkpoint=resume)
+    with stop:
+        output = trainer.train(resume_from_checkpoint=resume)
+        stop.raise_if_stopped(trainer)  # no adapter from a stopped run: the step must not look finished
     elapsed = time.time() - started[0]
     state = trainer.state
     metrics = {

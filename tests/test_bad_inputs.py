@@ -271,7 +271,7 @@ CASES = [
         lambda c: c.prep(c.jsonl([*_alpaca(2), {"instruction": "久咳", "output": 42}])),
         r"column 'output' holds a number at row 2", r"make every value of 'output' a string"),
     Bad("missing columns", lambda c: c.prep(c.jsonl([{"instruction": "久咳", "reply": "润肺"}])),
-        r"no column for: output .*Columns found: instruction, reply", r"output_column"),
+        r"no column for: output .*Columns found: instruction, reply", r"columns=instruction=question,output=answer"),
     Bad("empty after cleaning",
         lambda c: c.prep(c.jsonl([{"instruction": "a", "output": ""}, {"instruction": "b", "output": "长" * 500},
                                   {"instruction": "b", "output": "长" * 500}]), max_length=32, length_policy="drop"),

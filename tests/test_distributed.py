@@ -190,7 +190,7 @@ def test_pipeline_accelerator_count_sets_the_process_count(gpu_count, processes,
     profile = override(load_profile("default"), gpu_count=gpu_count)
     path = compile_pipeline(str(tmp_path / "p.yaml"), PipelineOptions(profile=profile))
     documents = list(yaml.safe_load_all(Path(path).read_text(encoding="utf-8")))
-    task = documents[0]["root"]["dag"]["tasks"]["train-lora"]
+    task = documents[0]["components"]["comp-exit-handler-1"]["dag"]["tasks"]["train-lora"]  # in the exit handler
     assert task["inputs"]["parameters"]["num_gpus"]["runtimeValue"]["constant"] == processes
     executor = documents[0]["deploymentSpec"]["executors"]["exec-train-lora"]["container"]
     assert executor["resources"]["accelerator"]["resourceCount"] == str(processes)

@@ -160,8 +160,9 @@ def test_submission_notebook_runs_locally(submitted):
     outputs = submitted.text("local-run")
     assert "adapter_model.safetensors" in outputs and "LoRA adapter" in outputs
     assert "Executor" not in outputs, "step logs go to the log file, not into the notebook"
-    assert "Pipeline 'kubetune-finetune' finished with status SUCCESS" in _plain(
-        (submitted.workdir / "local-run.log").read_text())
+    assert "✓ train-lora (LoRA SFT): done" in outputs  # a line per step in the notebook
+    (log,) = (submitted.workdir / "logs").glob("run-*.log")  # every step's full log beside it
+    assert "Pipeline 'kubetune-finetune' finished with status SUCCESS" in _plain(log.read_text())
     client = MlflowClient(f"sqlite:///{submitted.workdir / 'mlflow.db'}")  # the notebook's default local store
     runs = client.search_runs([client.get_experiment_by_name("kubetune").experiment_id])
     assert len(runs) == 1 and runs[0].data.params["lora.lora_r"] == str(NOTEBOOK_LORA_R)

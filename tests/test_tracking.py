@@ -256,7 +256,12 @@ def _executor_output(summary: dict, artifact: str) -> dict:
 
 
 def _train_parquet(summary: dict) -> Path:
-    return Path(summary["adapter"]).parent.parent / "prepare-dataset" / "train_data"
+    """The training set this run's SFT read: prepared in its own run, or in the latest earlier one when prep was
+    served from kfp.local's cache (same inputs and dataset version)."""
+    run_dir = Path(summary["adapter"]).parent.parent
+    prepared = [path for path in sorted(run_dir.parent.glob("*/prepare-dataset/train_data"))
+                if path.parent.parent.name <= run_dir.name]
+    return prepared[-1]
 
 
 @pytest.mark.slow

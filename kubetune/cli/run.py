@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
 import hashlib
 import json
 import os
-import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 from kfp import local
 
+from kubetune.cli.console import ANSI_COLOUR, StepConsole, verbose_from_env
 from kubetune.cli.params import parse_params
 from kubetune.errors import KubetuneError
 from kubetune.parameters import pipeline_settings, validate_parameters
 from kubetune.pipelines import PipelineOptions, make_pipeline
+from kubetune.pipelines.step_table import STEPS
 from kubetune.secrets import without_credentials
 from kubetune.storage import atomic_file
 from kubetune.tiny import ensure_tiny_model
 from kubetune.tracking import default_local_uri
 
 LOCAL_WORKDIR = "kubetune-local"
-ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # The local demo adapts a randomly initialised 2-layer model on the CPU: shorter samples and a high learning
 # rate make its held-out loss fall within a few minutes. Any --param overrides these.
 LOCAL_DEFAULTS: dict[str, Any] = {
@@ -38,8 +41,12 @@ LOCAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR) -> dict[str, Any]:
-    """Run the whole pipeline under kfp.local (each step a subprocess of this Python). Returns the summary."""
+def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR, *,
+              verbose: bool | None = None) -> dict[str, Any]:
+    """Run the whole pipeline under kfp.local (each step a subprocess of this Python). Returns the summary.
+
+    The terminal gets a line per step (``verbose``, default ``KUBETUNE_VERBOSE``: every step's full log); the
+    full log is kept in ``<workdir>/logs``."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     params = dict(params)
@@ -64,18 +71,27 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
     # (content hashes, hub commits) and the settings are unchanged, like KFP's cache on a cluster.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(outputs), raise_on_error=True,
                enable_caching=True, cache_root=str(workdir / "cache"), workspace_root=str(workdir / "workspace"))
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")[:-3]
+    console = StepConsole(workdir / "logs" / f"run-{stamp}.log", sys.stderr,
+                          verbose=verbose_from_env() if verbose is None else verbose,
+                          names={step.task: step.display_name for step in STEPS},
+                          skip=tuple(step.task for step in STEPS if step.on_exit))
+    print(f"kubetune: running the pipeline locally; full log: {console.log_path}", file=sys.stderr)
     try:
-        # No retries here: kfp.local would repeat a failed step after minutes of backoff; running the same
-        # command again resumes training from its checkpoints instead.
-        make_pipeline(PipelineOptions(retries=0))(**params)
+        with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console), warnings.catch_warnings():
+            # kfp.local says of every step that Kubernetes settings do not apply locally, and that it runs the
+            # image's code in this Python: both true by design here.
+            warnings.filterwarnings("ignore", r"Task '.*': settings .* have no effect", UserWarning)
+            warnings.filterwarnings("ignore", r"You may be attemping to run a task that uses custom", RuntimeWarning)
+            # No retries here: kfp.local would repeat a failed step after minutes of backoff; running the same
+            # command again resumes training from its checkpoints instead.
+            make_pipeline(PipelineOptions(retries=0))(**params)
     except RuntimeError as error:  # kfp.local: "Pipeline ... finished with status FAILURE. Inner task failed: ..."
         if "FAILURE" not in str(error):
             raise
-        plain = ANSI_COLOUR.sub("", str(error))
-        raise KubetuneError(
-            f"the local pipeline failed: {plain}",
-            "read the failed step's log above: it ends with the step's own error and its fix",
-        ) from None
+        raise step_failure(console, ANSI_COLOUR.sub("", str(error))) from None
+    finally:
+        console.close()
     if checkpoints is not None:
         shutil.rmtree(checkpoints, ignore_errors=True)
     run_dir = max(set(outputs.iterdir()) - earlier, key=lambda path: path.stat().st_mtime)
@@ -96,6 +112,17 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
     }
 
 
+def step_failure(console: StepConsole, pipeline_error: str) -> KubetuneError:
+    """The failed step's own error and fix (the last lines a user reads), else the end of its log."""
+    step = console.failed[0] if console.failed else "a step"
+    if console.step_errors:
+        problem, fix = console.step_errors[-1]
+        return KubetuneError(f"{step} failed: {problem}", f"{fix or 'see the log'} (full log: {console.log_path})")
+    last = " | ".join(console.failure_tail[-3:]) or pipeline_error
+    return KubetuneError(f"{step} failed without a kubetune error (killed, or a crash): {last}",
+                         f"read the end of its log in {console.log_path}; run with --verbose to watch it")
+
+
 def task_outputs(task_dir: Path) -> dict[str, dict[str, Any]]:
     """A kfp.local task's output artifacts (path and metadata by name), from the executor output it wrote."""
     written = json.loads((task_dir / "executor_output.json").read_text(encoding="utf-8"))
@@ -109,7 +136,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                             "use `kubetune run --local` here, or `kubetune submit --host URL` for Kubeflow")
     params = parse_params(args.param)
     validate_parameters(params)
-    summary = run_local(params, args.workdir)
+    summary = run_local(params, args.workdir, verbose=args.verbose or None)
     print(f"adapter:      {summary['adapter']}", file=sys.stderr)
     print(f"report:       {summary['report']}", file=sys.stderr)
     print(f"MLflow run:   {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}", file=sys.stderr)
@@ -135,4 +162,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--local", action="store_true", help="run here, each step as a subprocess")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="pipeline parameter")
     run.add_argument("--workdir", default=LOCAL_WORKDIR, help="outputs, tiny model and MLflow store")
+    run.add_argument("--verbose", action="store_true",
+                     help="show every step's full log as it runs (default: KUBETUNE_VERBOSE; a line per step)")
     run.set_defaults(func=cmd_run)

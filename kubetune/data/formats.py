@@ -32,8 +32,8 @@ PAIR_ALIASES = (
 )
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant", "bot": "assistant"}
 COLUMN_FLAGS = (
-    "set instruction_column/output_column (alpaca), messages_column (chat) or "
-    "prompt_column/completion_column (prompt_completion) to name your columns, or set dataset_format"
+    "name your columns with the columns parameter, e.g. columns=instruction=question,output=answer (roles: "
+    "instruction, input, output for alpaca; messages for chat; prompt, completion), or set dataset_format"
 )
 
 
@@ -98,11 +98,11 @@ def detect(config: DataConfig, columns: list[str], name: str) -> Layout:
             mapping[canonical] = column
         else:
             looked = explicit or " / ".join(aliases)
-            missing.append(f"{canonical} (looked for {looked}; set {flag})")
+            missing.append(f"{canonical} (looked for {looked}; name it with columns={flag.removesuffix('_column')}=...)")
     if fmt == "alpaca":
         explicit = config.input_column
         if explicit and explicit not in present:
-            missing.append(f"input (looked for {explicit}; set input_column)")
+            missing.append(f"input (looked for {explicit}; name it with columns=input=...)")
         elif explicit or first(*INPUT_ALIASES):
             mapping["input"] = explicit or first(*INPUT_ALIASES)
     if missing:
