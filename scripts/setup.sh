@@ -18,6 +18,7 @@ if ! python -m pip show torch >/dev/null 2>&1; then
     python -m pip install -q "torch==2.13.0"
 fi
 echo "setup: installing kubetune (editable) with kfp, transformers, peft, trl, datasets, bitsandbytes, mlflow and the test tools"
-python -m pip install -q -e ".[dev]"
+# (quiet: setuptools warns about every editable install of a package that maps several folders)
+PYTHONWARNINGS=ignore python -m pip install -q -e ".[dev]"
 echo "$want" > "$stamp"
 echo "setup: done"
