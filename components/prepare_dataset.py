@@ -12,6 +12,8 @@ def prepare_dataset(
     stats: Output[Metrics],
     summary: Output[Markdown],
     dataset: str = "kubetune://tcm-demo",
+    dataset_subset: str = "",
+    dataset_split: str = "train",
     base_model: str = "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
     model_revision: str = "",
     dataset_format: str = "auto",
@@ -36,6 +38,9 @@ def prepare_dataset(
     Args:
         dataset: Dataset: a local file or folder (jsonl, json, parquet, csv), an s3:// or gs:// URI, a hub id,
             or kubetune://tcm-demo for the bundled demo data.
+        dataset_subset: Configuration (subset) of a hub dataset, e.g. mrpc of glue; empty = the dataset's
+            default.
+        dataset_split: Split to read when the dataset is a hub id.
         base_model: Base model: a local directory (e.g. on the cache volume, /cache/...) or a hub id.
         model_revision: Hub revision (branch, tag or commit) of base_model; empty for the default branch.
         dataset_format: Row format: alpaca (instruction/input/output), chat (messages), prompt_completion, or
@@ -45,7 +50,9 @@ def prepare_dataset(
             with the persona as the system message.
         persona: The expert persona placed at the top of every prompt; empty = the built-in TCM expert.
         max_length: Maximum tokens per sample (prompt + completion).
-        length_policy: What to do with samples longer than max_length: drop them, or truncate the completion.
+        length_policy: What to do with samples longer than max_length: drop them, or truncate: cut an
+            over-long input in its middle (its start and end kept) so the instruction and answer fit, then the
+            completion.
         max_samples: Keep at most this many rows after cleaning, sampled with the seed (0 = all).
         eval_fraction: Fraction of rows held out for evaluation, in (0, 1).
         max_eval_samples: Cap on held-out rows (0 = no cap).
@@ -70,7 +77,8 @@ def prepare_dataset(
 
     with clear_errors():
         config = DataConfig(
-            dataset=dataset, dataset_format=dataset_format, prompt_style=prompt_style,
+            dataset=dataset, dataset_subset=dataset_subset, dataset_split=dataset_split,
+            dataset_format=dataset_format, prompt_style=prompt_style,
             **({"persona": persona} if persona else {}),
             max_length=max_length, length_policy=length_policy, max_samples=max_samples,
             eval_fraction=eval_fraction, max_eval_samples=max_eval_samples, seed=seed, **parse_columns(columns),

@@ -82,6 +82,8 @@ class DataConfig:
         "Row format: alpaca (instruction/input/output), chat (messages), prompt_completion, or auto to detect.",
         "auto",
     )
+    dataset_subset: str = _help(
+        "Configuration (subset) of a hub dataset, e.g. mrpc of glue; empty = the dataset's default.", "")
     dataset_split: str = _help("Split to read when the dataset is a hub id.", "train")
     instruction_column: str = _help("Column holding the instruction (alpaca), overrides detection.", "")
     input_column: str = _help("Column holding the optional input/context (alpaca).", "")
@@ -97,7 +99,8 @@ class DataConfig:
     persona: str = _help("The expert persona placed at the top of every prompt.", DEFAULT_PERSONA)
     max_length: int = _help("Maximum tokens per sample (prompt + completion).", 2048)
     length_policy: LengthPolicy = _help(
-        "What to do with samples longer than max_length: drop them, or truncate the completion.", "truncate"
+        "What to do with samples longer than max_length: drop them, or truncate: cut an over-long input in its "
+        "middle (its start and end kept) so the instruction and answer fit, then the completion.", "truncate"
     )
     max_samples: int = _help("Keep at most this many rows after cleaning, sampled with the seed (0 = all).", 0)
     eval_fraction: float = _help("Fraction of rows held out for evaluation, in (0, 1).", 0.1)

@@ -24,7 +24,7 @@ CONFIGS: tuple[type, ...] = (RunConfig, DataConfig, QuantConfig, LoraSettings, T
 """Every settings dataclass; a name that two of them declare (seed, trust_remote_code) is one setting."""
 
 PIPELINE_PARAMETERS: tuple[str, ...] = (
-    "dataset", "base_model", "model_revision", "dataset_format", "columns", "prompt_style", "persona", "max_length",
+    "dataset", "dataset_subset", "dataset_split", "base_model", "model_revision", "dataset_format", "columns", "prompt_style", "persona", "max_length",
     "length_policy", "max_samples", "eval_fraction", "max_eval_samples", "quantization", "double_quant", "lora_r",
     "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs",
     "max_steps", "batch_tokens", "gradient_accumulation", "lean", "save_steps", "checkpoint_dir", "seed",

@@ -324,12 +324,36 @@ def test_truncation_keeps_the_prompt_and_the_limit(tmp_path, tokenizer):
         assert row["completion"] == answer
 
 
-def test_prompt_longer_than_the_limit_is_dropped_even_when_truncating(tmp_path, tokenizer):
+def test_instruction_longer_than_the_limit_is_dropped_even_when_truncating(tmp_path, tokenizer):
     rows = [{"instruction": "咳" * 300, "output": "答"}] + alpaca_rows(3)
     result, _, _ = prep(
         tmp_path, tokenizer, write_jsonl(tmp_path / "p.jsonl", rows), max_length=64, persona="P."
     )
     assert result.stats["dropped_too_long"] == 1 and result.stats["truncated"] == 0
+    assert result.stats["input_truncated"] == 0
+
+
+def test_an_over_long_input_is_cut_in_its_middle_and_the_row_kept(tmp_path, tokenizer):
+    """The use case's inputs run to tens of thousands of characters: truncating keeps the instruction, the start
+    and end of the input and the whole answer, instead of dropping the row."""
+    record = "脉细数，舌红少苔。" * 400  # a long case record
+    rows = [{"instruction": f"根据病历辨证 {i}", "input": f"开头{i}：{record}结尾{i}。", "output": "肺阴虚证，治宜滋阴润肺。"}
+            for i in range(4)] + alpaca_rows(4)
+    result, train, evaluation = prep(tmp_path, tokenizer, write_jsonl(tmp_path / "case.jsonl", rows),
+                                     max_length=256, persona="P.")
+    assert result.stats["dropped_too_long"] == 0 and result.stats["input_truncated"] == 4
+    assert "input_truncated" in result.summary_markdown
+    cut = [row for row in train + evaluation if "[input shortened]" in row["prompt"]]
+    assert len(cut) == 4
+    for row in cut:
+        index = row["prompt"].split("根据病历辨证 ")[1].split()[0]
+        assert f"开头{index}" in row["prompt"] and f"结尾{index}" in row["prompt"]  # start and end kept
+        assert row["length"] <= 256 and row["input_ids"][-1] == tokenizer.eos_token_id  # the whole answer
+        assert tokenizer.decode(answer_tokens(row)) == "肺阴虚证，治宜滋阴润肺。" + tokenizer.eos_token
+        assert prompt_tokens(row) == tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+    result, _, _ = prep(tmp_path / "drop", tokenizer, write_jsonl(tmp_path / "case.jsonl", rows), max_length=256,
+                        persona="P.", length_policy="drop")
+    assert result.stats["dropped_too_long"] == 4 and result.stats["input_truncated"] == 0
 
 
 def test_completion_mask_covers_answer_and_eos(tmp_path, tokenizer):
@@ -378,7 +402,7 @@ def test_missing_column_lists_the_columns_found(tmp_path, tokenizer):
     with pytest.raises(KubetuneError) as error:
         prep(tmp_path, tokenizer, path)
     message = str(error.value)
-    assert "instruction, reply" in message and "output_column" in message
+    assert "instruction, reply" in message and "columns=output=..." in message
 
     path = write_jsonl(tmp_path / "y.jsonl", [{"foo": "a", "bar": "b"}])
     with pytest.raises(KubetuneError, match="columns found: foo, bar"):
@@ -511,3 +535,27 @@ def test_hundred_thousand_rows(tmp_path, tokenizer):
     assert stats["rows_in"] == 100_000 and stats["rows_kept"] == 100_000
     assert stats["eval_rows"] == len(evaluation) == 200
     assert stats["rows_per_s"] > 0
+
+
+def test_a_hub_dataset_subset_is_read(tmp_path):
+    """``dataset_subset`` is the configuration name ``load_dataset(id, name)`` takes (the seed's glue/mrpc). A
+    repository laid out as on the hub (configs declared in its README), read through the hub-id path."""
+    from kubetune.data.reading import read_raw
+    from kubetune.data.sources import Source
+
+    repo = tmp_path / "org-tcm"
+    for config_name, answer in (("herbs", "桂枝"), ("formulas", "桂枝汤")):
+        (repo / config_name).mkdir(parents=True)
+        write_jsonl(repo / config_name / "train.jsonl", [{"instruction": f"{config_name}?", "output": answer}] * 3)
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n"
+        "- config_name: herbs\n  data_files:\n  - split: train\n    path: herbs/train.jsonl\n"
+        "- config_name: formulas\n  data_files:\n  - split: train\n    path: formulas/train.jsonl\n---\n",
+        encoding="utf-8")
+    source = Source(str(repo), hub_id=str(repo))
+    for config_name, answer in (("herbs", "桂枝"), ("formulas", "桂枝汤")):
+        config = DataConfig(dataset=str(repo), dataset_subset=config_name)
+        rows, _ = read_raw(source, config, str(tmp_path / "scratch"))
+        assert set(rows["output"]) == {answer}
+    with pytest.raises(KubetuneError, match=r"subset 'missing', split 'train'.*(?s:.*)dataset_subset"):
+        read_raw(source, DataConfig(dataset=str(repo), dataset_subset="missing"), str(tmp_path / "scratch"))

@@ -4,7 +4,8 @@ Outputs (parquet, one row per sample): ``prompt`` (rendered prompt text), ``comp
 ``input_ids`` (prompt + completion + eos), ``completion_mask`` (1 on completion and eos tokens), ``length``.
 The prompt's token ids are ``input_ids`` where ``completion_mask`` is 0; generation should start from them.
 A sample truncated to ``max_length`` keeps its prompt and the first completion tokens and gets no eos, since
-the answer does not end there. Working files go to a temporary folder (set TMPDIR for very large data).
+the answer does not end there. Under ``length_policy=truncate`` an alpaca input too long for the instruction and
+the answer to fit is first cut in its middle (start and end kept, the cut marked; ``input_truncated`` counts them). Working files go to a temporary folder (set TMPDIR for very large data).
 
 Secrets: the values of secret environment variables (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ...; see
 :func:`kubetune.secrets.secret_values`, the one policy of every writer) are replaced by ``***`` in the persona and in every prompt and answer, so a token
@@ -131,6 +132,8 @@ def prepare_dataset(config: DataConfig, tokenizer: Any, train_path: str, eval_pa
         kept = unique_idx[status[unique_idx] != Renderer.TOO_LONG]
         dropped_too_long = int(unique_idx.size - kept.size)
         truncated = int(np.count_nonzero(status[kept] == Renderer.TRUNCATED))
+        input_cut = np.asarray(table.column("_input_cut").to_numpy())
+        input_truncated = int(np.count_nonzero(input_cut[kept]))
         rows_kept = int(kept.size)
         if rows_kept < 2:
             counts = (
@@ -165,6 +168,7 @@ def prepare_dataset(config: DataConfig, tokenizer: Any, train_path: str, eval_pa
             "dropped_duplicate": dropped_duplicate,
             "dropped_too_long": dropped_too_long,
             "truncated": truncated,
+            "input_truncated": input_truncated,
             "rows_kept": rows_kept,
             "train_rows": int(train_idx.size),
             "eval_rows": int(eval_idx.size),

@@ -299,6 +299,10 @@ def _check_csv_headers(files: list[str]) -> None:
                                 "give every column of the CSV header a name of its own")
 
 
+def _subset(config: DataConfig) -> str:
+    return f"subset {config.dataset_subset!r}, " if config.dataset_subset else ""
+
+
 def _read_with_datasets(
     source: Source, config: DataConfig, scratch: str
 ) -> tuple[datasets.Dataset, Layout]:
@@ -307,7 +311,7 @@ def _read_with_datasets(
     try:
         files = local_copies(source.files, scratch)
         if source.hub_id:
-            dataset = datasets.load_dataset(source.hub_id, split=config.dataset_split)
+            dataset = datasets.load_dataset(source.hub_id, config.dataset_subset or None, split=config.dataset_split)
         elif source.extension == ".csv":
             _check_csv_headers(files)
             # keep_default_na=False: an empty cell is "", not a float NaN that turns a text column numeric
@@ -321,9 +325,10 @@ def _read_with_datasets(
     except Exception as error:
         if source.hub_id:
             raise KubetuneError(
-                f"could not load dataset {source.hub_id!r} (split {config.dataset_split!r}) from the hub: "
-                f"{type(error).__name__}: {error}",
-                f"check the hub id, split and network access (HF_TOKEN for gated data); if {source.hub_id!r} "
+                f"could not load dataset {source.hub_id!r} ({_subset(config)}split {config.dataset_split!r}) from the "
+                f"hub: {type(error).__name__}: {error}",
+                "check the hub id, dataset_subset, dataset_split and network access (HF_TOKEN for gated data); if "
+                f"{source.hub_id!r} "
                 f"is meant as a local path, it does not exist here. The dataset can be {ACCEPTED_FORMS}",
             ) from None
         raise KubetuneError(

@@ -28,6 +28,8 @@ class Renderer:
     """
 
     OK, TRUNCATED, TOO_LONG, EMPTY = 0, 1, 2, 3
+    INPUT_CUT_MARK = "\n…[input shortened]…\n"
+    MIN_INPUT_TOKENS = 16  # below this little of the input is left: the row is dropped as too long instead
 
     def __init__(self, config: DataConfig, fmt: str, tokenizer: Any, prefix: list[int], secrets: list[str]):
         self.style = config.prompt_style
@@ -44,6 +46,12 @@ class Renderer:
         system = [{"role": "system", "content": persona}] if persona.strip() else []
         return self.tokenizer.apply_chat_template(system + turns, tokenize=False, add_generation_prompt=True)
 
+    def _question_prompt(self, instruction: str, extra: str) -> str:
+        if self.style == "expert":
+            return expert_prompt(self.persona, instruction, extra)
+        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return self._chat_prompt(self.persona, [{"role": "user", "content": user}])
+
     def _render(self, row: dict[str, Any]) -> tuple[str, str]:
         """(prompt, answer) of one row; an empty answer means the row has none."""
         if self.fmt in ("alpaca", "prompt_completion"):
@@ -55,10 +63,7 @@ class Renderer:
                 )
             else:
                 instruction, extra, answer = row["prompt"] or "", "", row["completion"] or ""
-            if self.style == "expert":
-                return expert_prompt(self.persona, instruction, extra), answer
-            user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-            return self._chat_prompt(self.persona, [{"role": "user", "content": user}]), answer
+            return self._question_prompt(instruction, extra), answer
         messages = []
         for i, message in enumerate(row["messages"] or []):
             role = message.get("role", message.get("from"))
@@ -83,10 +88,11 @@ class Renderer:
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         columns = list(batch)
+        rows = [{c: batch[c][i] for c in columns} for i in range(len(indices))]
         prompts, answers, errors, hashes, redacted = [], [], [], [], []
         for i, index in enumerate(indices):
             try:
-                prompt, answer = self._render({c: batch[c][i] for c in columns})
+                prompt, answer = self._render(rows[i])
                 errors.append("")
             except ValueError as error:
                 prompt, answer = "", ""
@@ -118,10 +124,17 @@ class Renderer:
             "_error": errors,
             "_hash": hashes,
             "_redacted": redacted,
+            "_input_cut": [0] * n,
         }
         limit = self.max_length
         for i, prompt, answer in zip(todo, prompt_ids, answer_ids, strict=True):
             prompt = self.prefix + prompt
+            answer_room = min(len(answer) + 1, limit // 2)
+            if self.truncate and len(prompt) + answer_room > limit:
+                shortened = self._cut_input(rows[i], len(prompt), answer_room)
+                if shortened is not None:
+                    prompts[i], prompt = shortened
+                    out["_input_cut"][i] = 1
             if len(prompt) + len(answer) + 1 <= limit:
                 ids, status = prompt + answer + [self.eos], self.OK
             elif self.truncate and len(prompt) < limit - 1:
@@ -136,6 +149,28 @@ class Renderer:
             out["_status"][i] = status
             out["_completion_tokens"][i] = len(ids) - len(prompt)
         return out
+
+    def _cut_input(self, row: dict[str, Any], prompt_tokens: int, answer_room: int) -> tuple[str, list[int]] | None:
+        """(prompt, token ids) with the alpaca input cut in its middle (its start and end kept, the cut marked) so
+        the instruction and ``answer_room`` tokens of answer fit ``max_length``; None when that is impossible."""
+        extra = row.get("input") or "" if self.fmt == "alpaca" else ""
+        if not extra.strip():
+            return None
+        extra_ids = self.tokenizer(extra, add_special_tokens=False)["input_ids"]
+        mark = len(self.tokenizer(self.INPUT_CUT_MARK, add_special_tokens=False)["input_ids"])
+        budget = self.max_length - answer_room
+        keep = len(extra_ids) - (prompt_tokens - budget) - mark
+        for _ in range(3):  # tokens merge differently at the cut: shorten again by what is still over
+            if keep < self.MIN_INPUT_TOKENS:
+                return None
+            head, tail = extra_ids[: keep // 2], extra_ids[len(extra_ids) - (keep - keep // 2):]
+            text = self.tokenizer.decode(head) + self.INPUT_CUT_MARK + self.tokenizer.decode(tail)
+            prompt = redact_values(self._question_prompt(row["instruction"] or "", text), self.secrets)
+            ids = self.prefix + self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            if len(ids) <= budget:
+                return prompt, ids
+            keep -= len(ids) - budget
+        return None
 
 
 def prepared_features() -> Any:
@@ -153,6 +188,7 @@ def prepared_features() -> Any:
             "_error": Value("string"),
             "_hash": Value("binary"),
             "_redacted": Value("int8"),
+            "_input_cut": Value("int8"),
         }
     )
 

@@ -5,7 +5,7 @@ Sources:
   - a local file (``.jsonl``, ``.json``, ``.parquet``, ``.csv``) or a folder of such files (all of one
     extension, not recursive; other files are ignored);
   - an ``s3://``, ``gs://`` or other fsspec URI to such a file or folder (``pip install 'kubetune[cloud]'``);
-  - otherwise a hub id, read with ``datasets.load_dataset(id, split=dataset_split)``.
+  - otherwise a hub id, read with ``datasets.load_dataset(id, dataset_subset, split=dataset_split)``.
 """
 
 from __future__ import annotations
