@@ -28,6 +28,7 @@ from kubetune.modeling import load_model, load_tokenizer
 from kubetune.report import render_report
 from kubetune.secrets import redact, secret_values
 from kubetune.storage import atomic_file
+from kubetune.tiny import TINY_NOTE, is_tiny_random
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 EVAL_COLUMNS = ("prompt", "completion", "input_ids", "completion_mask")
@@ -257,6 +258,9 @@ def evaluate_adapter(
                 "reference": references[k],
                 "base_answer": answers["base"][k],
                 "tuned_answer": answers["tuned"][k],
+                # per answer: where the tuned model moved toward the reference, and where it did not
+                "base_chrf": f"{chrf_score([answers['base'][k]], [references[k]]):.1f}",
+                "tuned_chrf": f"{chrf_score([answers['tuned'][k]], [references[k]]):.1f}",
             }
         )
     for k, (question, _) in enumerate(probe_prompts, start=len(generated_rows)):
@@ -279,7 +283,8 @@ def evaluate_adapter(
         "Date (UTC)": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     # The report is a file users share: no secret value (a token in a probe question, say) reaches it.
-    html_text = redact(render_report(title, metrics, rows, meta), secret_values())
+    notes = [TINY_NOTE] if is_tiny_random(model.config) else []
+    html_text = redact(render_report(title, metrics, rows, meta, notes=notes), secret_values())
     with atomic_file(report_path) as staging:
         Path(staging).write_text(html_text, encoding="utf-8")
     return EvalResult(metrics=metrics, rows=rows, report_path=str(report_path), model=model, tokenizer=tokenizer)

@@ -47,6 +47,8 @@ td.num {{ text-align: right; }}
 .answer {{ background: #f7f8fa; border-radius: 4px; padding: 6px 10px; }}
 .reference {{ background: #f3faf5; border-radius: 4px; padding: 6px 10px; }}
 details summary {{ cursor: pointer; color: #555; font-size: 0.85em; }}
+.note {{ background: #fff8e1; border: 1px solid #f0c36d; border-radius: 6px; padding: 8px 12px; }}
+.chrf {{ font-weight: 400; color: #777; margin-left: 6px; }}
 @media (max-width: 800px) {{ .answers {{ grid-template-columns: 1fr; }} }}
 """
 
@@ -100,6 +102,12 @@ def _metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def _chrf(row: dict[str, str], model: str) -> str:
+    value = row.get(f"{model}_chrf", "")
+    return f' <span class="chrf" title="chrF of this answer against the reference">chrF {_esc(value)}</span>' \
+        if value else ""
+
+
 def _row(index: int, row: dict[str, str]) -> str:
     kind = row.get("kind", "held-out")
     css_kind = "probe" if kind == "probe" else "held-out"
@@ -123,9 +131,9 @@ def _row(index: int, row: dict[str, str]) -> str:
         f'<section class="row {css_kind}" id="row-{index}" data-kind="{_esc(kind)}">\n'
         f'<span class="badge">{badge} #{index + 1}</span>\n{question}\n{reference}\n'
         '<div class="answers">'
-        f'<div class="answer base-answer"><div class="label">Base model</div>'
+        f'<div class="answer base-answer"><div class="label">Base model{_chrf(row, "base")}</div>'
         f'<pre class="text">{_esc(row.get("base_answer", ""))}</pre></div>'
-        f'<div class="answer tuned-answer"><div class="label">Tuned model (base + LoRA)</div>'
+        f'<div class="answer tuned-answer"><div class="label">Tuned model (base + LoRA){_chrf(row, "tuned")}</div>'
         f'<pre class="text">{_esc(row.get("tuned_answer", ""))}</pre></div>'
         "</div>\n</section>"
     )
@@ -142,8 +150,11 @@ def _verdict(metrics: dict[str, float]) -> str:
             f"held-out loss ({_fmt(tuned)} vs {_fmt(base)}).</p>")
 
 
-def render_report(title: str, metrics: dict[str, float], rows: list[dict[str, str]], meta: dict[str, str]) -> str:
-    """One self-contained HTML page: metrics (base vs tuned vs delta), then each question side by side."""
+def render_report(title: str, metrics: dict[str, float], rows: list[dict[str, str]], meta: dict[str, str], *,
+                  notes: list[str] | tuple[str, ...] = ()) -> str:
+    """One self-contained HTML page: notes a reader must see first, metrics (base vs tuned vs delta), then each
+    question side by side (with each answer's chrF where there is a reference)."""
+    note_html = "\n".join(f'<p class="note" id="note-{i}">{_esc(note)}</p>' for i, note in enumerate(notes))
     meta_rows = "\n".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in meta.items())
     probes = [r for r in rows if r.get("kind") == "probe"]
     held_out = [r for r in rows if r.get("kind") != "probe"]
@@ -160,6 +171,7 @@ def render_report(title: str, metrics: dict[str, float], rows: list[dict[str, st
 </head>
 <body>
 <h1 id="title">{_esc(title)}</h1>
+{note_html}
 <table class="meta" id="meta">
 {meta_rows}
 </table>

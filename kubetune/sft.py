@@ -8,6 +8,7 @@ and PEFT's configs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -19,6 +20,8 @@ from kubetune.config import ALL_LINEAR, LoraSettings, TrainConfig, to_dict
 from kubetune.errors import KubetuneError
 from kubetune.speed_plan import SpeedPlan, agree_across_ranks, init_distributed, plan_speed
 from kubetune.storage import atomic_dir
+
+log = logging.getLogger("kubetune")
 
 ADAPTER_METADATA_FILE = "kubetune_adapter.json"
 MetricsSink = Callable[[dict[str, float], int], None]
@@ -92,6 +95,12 @@ def check_checkpoint_settings(checkpoint: str | None, lora: LoraSettings) -> Non
         )
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
 def _step_callback(sink: MetricsSink | None, started: list[float]):
     import torch
     from transformers import TrainerCallback
@@ -124,6 +133,11 @@ def _step_callback(sink: MetricsSink | None, started: list[float]):
             self.rows.append({"step": state.global_step, **numeric})
             if sink is not None:
                 sink(numeric, state.global_step)
+            if state.max_steps > 0 and "loss" in numeric:  # progress with the time left (a line per log)
+                done = max(state.global_step, 1)
+                left = (now - started[0]) / done * max(state.max_steps - state.global_step, 0)
+                log.info("training step %d/%d · loss %.4g · %s left", state.global_step, state.max_steps,
+                         numeric["loss"], _duration(left))
 
     return StepMetrics()
 

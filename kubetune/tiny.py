@@ -57,6 +57,30 @@ def make_tokenizer(vocab_size: int = 2048):
     return fast
 
 
+TINY_MARK = "kubetune_tiny_random"
+"""The config attribute that marks kubetune's generated tiny model, whose weights are random."""
+TINY_NOTE = (
+    "The base model is kubetune's generated tiny model (2 layers, random weights), made so the pipeline runs "
+    "anywhere in minutes: its answers are noise before and after tuning. The held-out loss is the signal here: "
+    "it falls when fine-tuning works. Set base_model to a real model for answers worth reading."
+)
+
+
+def is_tiny_random(config) -> bool:
+    """Is this (a copy of) the generated tiny model? ``config``: a transformers config or its dict."""
+    return bool(config.get(TINY_MARK) if isinstance(config, dict) else getattr(config, TINY_MARK, False))
+
+
+def is_tiny_model_dir(path: str | Path) -> bool:
+    """Does ``path`` hold (a copy of) the generated tiny model?"""
+    import json
+
+    try:
+        return is_tiny_random(json.loads((Path(path) / "config.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False
+
+
 def make_tiny_model(path: str | Path, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> str:
     """Write a randomly initialised Qwen2 model (bf16 safetensors) and its tokenizer to ``path``."""
     import torch
@@ -76,11 +100,16 @@ def make_tiny_model(path: str | Path, *, layers: int = 2, hidden: int = 64, seed
         bos_token_id=None,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        # travels with the model (quantized copies keep their config): reports say its answers are noise
+        **{TINY_MARK: True},
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a two-layer model needs no progress bar
     with atomic_dir(path) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)

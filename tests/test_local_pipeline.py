@@ -23,11 +23,26 @@ def local_run(tmp_path_factory):
     )
     assert done.returncode == 0, done.stderr[-4000:] + done.stdout[-4000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
-    return workdir, summary
+    return workdir, summary, done.stderr
+
+
+def test_a_quiet_console_with_a_line_per_step_and_the_demo_note(local_run):
+    workdir, summary, console = local_run
+    lines = console.splitlines()
+    assert len(lines) <= 40, console  # a line per step, not the steps' logs
+    assert any(line.startswith("✓ train-lora (LoRA SFT): done in") for line in lines)
+    assert any("training step" in line and " left" in line for line in lines)  # progress with the time left
+    assert "Executor" not in console and "executor_input" not in console
+    assert lines[-1].startswith("note:") and "random weights" in lines[-1]
+    (log,) = (workdir / "logs").glob("run-*.log")  # the full log, kept
+    assert "executor_input" in log.read_text(encoding="utf-8")
+    report = Path(summary["report"]).read_text(encoding="utf-8")
+    assert 'id="note-0"' in report and "random weights" in report  # the report says it too
+    assert 'class="chrf"' in report  # each held-out answer's chrF
 
 
 def test_summary_line_points_at_real_outputs(local_run):
-    workdir, summary = local_run
+    workdir, summary, _ = local_run
     adapter, report = Path(summary["adapter"]), Path(summary["report"])
     assert {"adapter_model.safetensors", "adapter_config.json"} <= {p.name for p in adapter.iterdir()}
     assert "<html" in report.read_text(encoding="utf-8").lower() and report.suffix == ".html"  # opens as a page
@@ -39,7 +54,7 @@ def test_summary_line_points_at_real_outputs(local_run):
 def test_tuned_model_beats_base_and_mlflow_has_the_run(local_run):
     from mlflow import MlflowClient
 
-    _, summary = local_run
+    _, summary, _ = local_run
     client = MlflowClient(summary["mlflow_tracking_uri"])
     run = client.get_run(summary["mlflow_run_id"])
     metrics = run.data.metrics
@@ -60,7 +75,7 @@ def test_adapter_loads_onto_the_base_model(local_run):
 
     from kubetune.modeling import load_model
 
-    _, summary = local_run
+    _, summary, _ = local_run
     base = load_model(summary["base_model"])
     tuned = PeftModel.from_pretrained(base, summary["adapter"])
     assert any("lora_A" in name for name, _ in tuned.named_parameters())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.report import FONT_STACK, render_report
+from kubetune.tiny import TINY_NOTE
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -32,7 +33,8 @@ ROWS = [
      "base_answer": "<think>hmm</think> Drink water.",
      "tuned_answer": "Differentiate the pattern first: lung-spleen qi deficiency calls for Liu Jun Zi Tang."},
     {"kind": "held-out", "prompt": "### Instruction:\n失眠多梦怎么调理？\n### Response:\n",
-     "reference": "心脾两虚者宜归脾汤。", "base_answer": "早点睡觉。", "tuned_answer": "心脾两虚，宜用归脾汤益气补血、健脾养心。"},
+     "reference": "心脾两虚者宜归脾汤。", "base_answer": "早点睡觉。", "tuned_answer": "心脾两虚，宜用归脾汤益气补血、健脾养心。",
+     "base_chrf": "3.1", "tuned_chrf": "27.4"},
 ]
 WINDOW = (1280, 1800)
 
@@ -96,7 +98,7 @@ class Tree(HTMLParser):
 def report(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("report") / "report.html"
     page = render_report("kubetune: base vs tuned (中医助手)", METRICS, ROWS,
-                         {"base model": "DeepSeek-R1-Distill-Qwen-7B", "数据集": "tcm-demo"})
+                         {"base model": "DeepSeek-R1-Distill-Qwen-7B", "数据集": "tcm-demo"}, notes=[TINY_NOTE])
     path.write_text(page, encoding="utf-8")
     return path
 
@@ -121,6 +123,11 @@ def test_dom_has_base_and_tuned_answers_and_metrics(report, tmp_path):
     assert "eval_rows" in tree.by_id("other-metrics")
     assert "久咳不愈怎么治疗？" in tree.by_id("rows")
     assert "中医助手" in tree.by_id("title")
+    # The note a reader must see first (the demo's tiny random model), and each answer's chrF where a
+    # reference exists.
+    assert "random weights" in tree.by_id("note-0") and "held-out loss is the signal" in tree.by_id("note-0")
+    assert dom.index('id="note-0"') < dom.index('id="verdict"')
+    assert [" ".join(t.split()) for t in tree.by_class("chrf")] == ["chrF 3.1", "chrF 27.4"]
 
 
 def test_screenshot_as_the_kubeflow_ui_shows_it(report, tmp_path):

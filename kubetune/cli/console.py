@@ -33,14 +33,14 @@ def verbose_from_env(environ: dict[str, str] | None = None) -> bool:
 
 class StepConsole(io.TextIOBase):
     """A text stream for kfp.local's stdout and stderr (see the module docstring). ``names``: each task's display
-    name, in the pipeline's order; ``skip``: tasks that run only at the end (never reported as cached)."""
+    name; ``upstream``: the tasks each one waits for."""
 
     def __init__(self, log_path: Path, out: TextIO, *, verbose: bool = False, names: dict[str, str] | None = None,
-                 skip: tuple[str, ...] = ()):
+                 upstream: dict[str, list[str]] | None = None):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log_path
         self._log = log_path.open("w", encoding="utf-8")
-        self._out, self._verbose, self._names, self._skip = out, verbose, names or {}, skip
+        self._out, self._verbose, self._names, self._upstream = out, verbose, names or {}, upstream or {}
         self._pending = ""
         self._secrets = secret_values()
         self._started: dict[str, float] = {}
@@ -112,13 +112,12 @@ class StepConsole(io.TextIOBase):
             self._say(f"    {match.group(1)}")
 
     def _report_cached(self, before: str) -> None:
-        """Steps listed before ``before`` that never started were served from kfp.local's cache (it says so only
-        at debug level)."""
-        order = list(self._names)
-        if before not in order or self.failed:  # after a failure, steps not started were skipped
+        """The steps ``before`` waits for that never started were served from kfp.local's cache (which says so
+        only at debug level)."""
+        if self.failed:  # after a failure, steps that did not start were skipped
             return
-        for task in order[:order.index(before)]:
-            if task not in self._started and task not in self._skip:
+        for task in self._upstream.get(before, []):
+            if task not in self._started:
                 self._started[task] = time.monotonic()
                 self._say(f"✓ {self._name(task)}: from the cache (same settings and source versions)")
 

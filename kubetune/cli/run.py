@@ -21,10 +21,11 @@ from kubetune.cli.params import parse_params
 from kubetune.errors import KubetuneError
 from kubetune.parameters import pipeline_settings, validate_parameters
 from kubetune.pipelines import PipelineOptions, make_pipeline
+from kubetune.pipelines.kfp_spec import pipeline_steps
 from kubetune.pipelines.step_table import STEPS
 from kubetune.secrets import without_credentials
 from kubetune.storage import atomic_file
-from kubetune.tiny import ensure_tiny_model
+from kubetune.tiny import TINY_NOTE, ensure_tiny_model, is_tiny_model_dir
 from kubetune.tracking import default_local_uri
 
 LOCAL_WORKDIR = "kubetune-local"
@@ -75,7 +76,7 @@ def run_local(params: dict[str, Any], workdir: str | os.PathLike = LOCAL_WORKDIR
     console = StepConsole(workdir / "logs" / f"run-{stamp}.log", sys.stderr,
                           verbose=verbose_from_env() if verbose is None else verbose,
                           names={step.task: step.display_name for step in STEPS},
-                          skip=tuple(step.task for step in STEPS if step.on_exit))
+                          upstream={spec.task: spec.dependencies for spec in pipeline_steps()})
     print(f"kubetune: running the pipeline locally; full log: {console.log_path}", file=sys.stderr)
     try:
         with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console), warnings.catch_warnings():
@@ -140,6 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"adapter:      {summary['adapter']}", file=sys.stderr)
     print(f"report:       {summary['report']}", file=sys.stderr)
     print(f"MLflow run:   {summary['mlflow_run_id']} in {summary['mlflow_tracking_uri']}", file=sys.stderr)
+    if is_tiny_model_dir(summary["base_model"]):
+        print(f"note:         {TINY_NOTE}", file=sys.stderr)
     print(json.dumps(summary, ensure_ascii=False))
     return 0
 
