@@ -502,3 +502,20 @@ def test_the_real_command_exits_2_without_a_traceback(tmp_path):
     assert done.stderr.startswith("kubetune: error: 2 problems") and "Traceback" not in done.stderr
     assert "lora_r='abc'" in done.stderr and "'nope'" in done.stderr and "Fix:" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_failing_local_run_ends_with_the_steps_own_error_and_fix(tmp_path):
+    """What a newcomer with a misnamed column sees: a line per step, then the step's problem and fix as the last
+    lines (not a screen of JSON), and exit status 2."""
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"instruction": "久咳", "reply": "润肺"}\n{"instruction": "失眠", "reply": "归脾汤"}\n',
+                    encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "KUBETUNE_VERBOSE")}
+    done = subprocess.run([sys.executable, "-m", "kubetune.cli", "run", "--local", "--param", f"dataset={data}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stdout == ""
+    last = done.stderr.strip().splitlines()[-3:]
+    assert any("prepare-dataset failed" in line and "has no column for: output" in line for line in last), last
+    assert any(line.strip().startswith("Fix: name your columns with the columns parameter") for line in last), last
+    assert "executor_input" not in done.stderr and len(done.stderr.splitlines()) < 30
