@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from kubetune.config import EvalConfig
 from kubetune.errors import KubetuneError
-from kubetune.evaluate import EvalResult, completion_loss, evaluate_adapter, token_batches
+from kubetune.evaluate import EvalResult, chrf_score, completion_loss, evaluate_adapter, token_batches
 from kubetune.generation import generate_answers, prompt_token_ids
 from kubetune.modeling import load_model, load_tokenizer
 from kubetune.report import render_report
@@ -146,7 +147,13 @@ def test_rows_cover_held_out_and_probes(evaluated):
     assert kinds == ["held-out"] * CONFIG.max_generation_samples + ["probe"] * len(PROBES)
     assert result.rows[0]["reference"] == EXAMPLES[0][1]
     assert result.rows[-1]["prompt"] == PROBES[-1][0]
-    assert all(set(row) == {"kind", "prompt", "reference", "base_answer", "tuned_answer"} for row in result.rows)
+    common = {"kind", "prompt", "reference", "base_answer", "tuned_answer"}
+    for row in result.rows:  # held-out answers carry their own chrF against the reference; probes have none
+        assert set(row) == (common | {"base_chrf", "tuned_chrf"} if row["kind"] == "held-out" else common)
+        if row["kind"] == "held-out":
+            for model in ("base", "tuned"):
+                assert float(row[f"{model}_chrf"]) == pytest.approx(
+                    chrf_score([row[f"{model}_answer"]], [row["reference"]]), abs=0.05)
     assert any(row["base_answer"] != row["tuned_answer"] for row in result.rows)
 
 
@@ -265,8 +272,10 @@ def test_report_is_safe_self_contained_html(evaluated):
     assert {"metrics", "rows", "title"} <= parsed.ids
     assert "script" not in parsed.tags and "link" not in parsed.tags
     assert len(parsed.texts["row"]) == len(result.rows)
-    base_texts = [t.removeprefix("Base model") for t in parsed.texts["base-answer"]]
-    tuned_texts = [t.removeprefix("Tuned model (base + LoRA)") for t in parsed.texts["tuned-answer"]]
+    # each answer's box: its label, the answer's chrF where there is a reference, then the answer
+    label = re.compile(r"^(Base model|Tuned model \(base \+ LoRA\))( chrF [0-9.]+)?")
+    base_texts = [label.sub("", t, count=1) for t in parsed.texts["base-answer"]]
+    tuned_texts = [label.sub("", t, count=1) for t in parsed.texts["tuned-answer"]]
     # The report lists probes first; compare as multisets of (base, tuned) pairs.
     pairs = sorted(zip(base_texts, tuned_texts, strict=True))
     assert pairs == sorted((r["base_answer"], r["tuned_answer"]) for r in result.rows)
