@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
+import sys
 from pathlib import Path
 
 import kubetune.components as components
@@ -194,3 +196,36 @@ def test_component_inputs_match_the_config(step):
             assert " ".join((spec.description or "").split()) == known[name].help, f"{step.name}.{name}"
         annotation = inspect.signature(step.component.python_func).parameters[name].annotation
         assert annotation is known[name].type, f"{step.name}.{name}: {annotation} vs {known[name].type}"
+
+
+# -- declared dependencies ----------------------------------------------------------------------------------------
+# Imported only behind a find_spec check, on the GPU image whose torch build brings it.
+OPTIONAL_WITHOUT_EXTRA = {"triton"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~\[ ;]", item)[0]).lower() for item in requirements}
+
+
+def test_every_third_party_import_is_a_declared_dependency():
+    """What kubetune imports is what pyproject.toml declares (directly, or in the extra of the feature that needs
+    it), so an install with only the declared dependencies imports every module."""
+    from importlib.metadata import packages_distributions, requires
+
+    required = requires("kubetune") or []  # the installed metadata: pyproject.toml as setup.sh installed it
+    declared = _requirement_names([item for item in required if "extra ==" not in item])
+    extras = _requirement_names([item for item in required if "extra ==" in item])
+    distributions = packages_distributions()
+    undeclared = []
+    for path in MODULES.values():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            for name in names:
+                top = name.split(".")[0]
+                if top in sys.stdlib_module_names or top == "kubetune" or top in OPTIONAL_WITHOUT_EXTRA:
+                    continue
+                provided = _requirement_names(distributions.get(top, [top]))
+                if not provided & (declared | extras):
+                    undeclared.append(f"{path.relative_to(ROOT)}: {name} ({', '.join(sorted(provided))})")
+    assert not undeclared, f"imports of undeclared distributions: {sorted(set(undeclared))}"
