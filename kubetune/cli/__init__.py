@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from kubetune import __version__
 from kubetune.cli import argo, compare, run, steps, submit, tracking
@@ -27,6 +28,7 @@ def cmd_tiny_model(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     options = placement_options(args)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     print(compile_pipeline(args.output, options))
     print(options.tracking_plan(), file=sys.stderr)
     return 0
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(func=cmd_tiny_model)
 
     comp = sub.add_parser("compile", help="compile the pipeline to KFP IR YAML for the Kubeflow UI")
-    comp.add_argument("-o", "--output", default="kubetune-pipeline.yaml")
+    comp.add_argument("-o", "--output", default="kubetune-local/kubetune-pipeline.yaml",
+                      help="KFP package to write (default: %(default)s)")
     add_placement_flags(comp)
     add_cluster_flags(comp)
     comp.set_defaults(func=cmd_compile)

@@ -59,8 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("argo", help="write (and submit) the pipeline as a plain Argo Workflow",
                             description="The fine-tuning pipeline as a plain Argo Workflow, for clusters that run "
                             "Argo without Kubeflow.")
-    parser.add_argument("-o", "--output", default="kubetune-workflow.yaml",
-                        help="manifest file to write ('' = none)")
+    parser.add_argument("-o", "--output", default="kubetune-local/kubetune-workflow.yaml",
+                        help="manifest file to write ('' = none; default: %(default)s)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="pipeline parameter: the default of the workflow argument of that name")
     add_placement_flags(parser)
