@@ -127,6 +127,21 @@ def test_golden_yaml(profile, tmp_path):
     )
 
 
+def test_golden_yaml_with_the_runs_workspace(tmp_path):
+    """--cache-volume create: the golden shows the pipeline workspace (pipelineConfig) beside the exit handler and
+    the cache keys of the default golden."""
+    compiled = normalized(compile_with(tmp_path, options("h100", cache_volume="create",
+                                                         cache_volume_storage_class="fast-rwo")).text)
+    golden = GOLDEN / "workspace-h100.yaml"
+    if UPDATE_GOLDEN:
+        golden.write_text(compiled, encoding="utf-8")
+    assert yaml_documents(compiled) == yaml_documents(golden.read_text(encoding="utf-8")), (
+        "compiled workspace pipeline differs from workspace-h100.yaml; if intended, run KUBETUNE_UPDATE_GOLDEN=1 "
+        "pytest tests/test_compile.py and review the diff"
+    )
+    assert "pipelineConfig:\n      workspace:" in compiled and "{{$.workspace_path}}" in compiled
+
+
 def test_every_profile_has_a_golden_file():
     assert sorted(p.name for p in GOLDEN.glob("finetune-*.yaml")) == sorted(f"finetune-{p}.yaml" for p in PROFILES)
     assert {"default", "h100", "a10"} <= set(PROFILES)
