@@ -89,6 +89,12 @@ def test_a_finished_run_records_the_pipeline_state(two_runs):
     assert runs[0].info.status == "FINISHED"
     assert tags["kubetune.pipeline_state"] == "SUCCEEDED" and tags["kubetune.running_step"] == "none"
     assert "kubetune.failed_step" not in tags
+    # the run page's result, written by the exit handler: the state and the numbers that decide
+    first = min((workdir / "outputs").iterdir())
+    page = (first / "finish-run" / "result").read_text(encoding="utf-8")
+    assert page.startswith("**Pipeline SUCCEEDED**") and f"`{runs[0].info.run_id}`: FINISHED" in page
+    assert "| held-out loss, base → tuned |" in page and "| tuned beats base (held-out loss) |" in page
+    assert "| registered adapter | kubetune-adapter version 1 |" in page
 
 
 def _executed(run_dir: Path) -> set[str]:
@@ -123,3 +129,5 @@ def test_a_killed_training_step_leaves_a_failed_run_naming_it(two_runs):
     assert not [line for line in output.splitlines() if line.startswith('{"adapter"')]  # no summary: it failed
     log = max((workdir / "logs").glob("run-*.log")).read_text(encoding="utf-8")  # the second run's full log
     assert "closed FAILED in train_lora" in log
+    page = (max((workdir / "outputs").iterdir()) / "finish-run" / "result").read_text(encoding="utf-8")
+    assert page.startswith("**Pipeline FAILED** in `train_lora`") and f"`{run.info.run_id}`: FAILED" in page

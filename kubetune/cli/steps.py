@@ -90,6 +90,8 @@ def run_finish(args: argparse.Namespace) -> dict[str, Any]:
     closing = steps.finish(
         Tracking(args.mlflow_tracking_uri, args.mlflow_experiment, "", args.kfp_run_id, args.kfp_run_name),
         args.status, error=args.error)
+    if args.result:
+        write_text(args.result, closing.page(args.status, args.error))
     return {"mlflow_run_id": closing.run_id, "status": closing.status, "failed_step": closing.failed_step,
             "message": closing.message}
 
@@ -228,6 +230,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             description=run_finish.__doc__)
     finish.add_argument("--status", required=True, help="the workflow's final state ({{workflow.status}})")
     finish.add_argument("--error", default="", help="the orchestrator's error message, recorded on a failed run")
+    _path(finish, "result", "output: the run's result as Markdown", required=False)
     add_setting_flags(finish, TRACKING[:2], "MLflow")
     add_flag(finish, "kfp_run_id", "", "Id of the orchestrator's run, as the tracked steps tagged it")
     add_flag(finish, "kfp_run_name", "", "Name of the orchestrator's run")

@@ -9,10 +9,16 @@ FINISHED, FAILED or KILLED, with the step that was running and the orchestrator'
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kubetune.secrets import redact, secret_values
-from kubetune.tracking.names import KFP_RUN_ID_TAG, MAX_TAG_LENGTH, truncate
+from kubetune.tracking.names import (
+    KFP_RUN_ID_TAG,
+    MAX_TAG_LENGTH,
+    REGISTERED_MODEL_TAG,
+    REGISTERED_VERSION_TAG,
+    truncate,
+)
 from kubetune.tracking.run import Tracker
 from kubetune.tracking.settings import Tracking, platform_run_id
 from kubetune.tracking.store import resolve_tracking_uri
@@ -25,6 +31,14 @@ NO_STEP = "none"
 PIPELINE_STATE_TAG = "kubetune.pipeline_state"
 FAILED_STEP_TAG = "kubetune.failed_step"
 PIPELINE_ERROR_TAG = "kubetune.pipeline_error"
+
+# The numbers of the result page: label, then base and tuned (or a single) metric.
+RESULT_METRICS = (
+    ("held-out loss, base → tuned", ("eval.base_eval_loss", "eval.tuned_eval_loss")),
+    ("chrF, base → tuned", ("eval.base_chrf", "eval.tuned_chrf")),
+    ("training loss", ("sft.train_loss",)),
+    ("training tokens/s", ("sft.tokens_per_second",)),
+)
 
 # Final states as KFP (PipelineTaskFinalStatus.state) and Argo ({{workflow.status}}) name them → MLflow's.
 RUN_STATUS = {
@@ -42,6 +56,31 @@ class Closing:
     failed_step: str
     message: str
     """One line for the step's log."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """The run's metrics (latest values), for the result page."""
+    tags: dict[str, str] = field(default_factory=dict)
+    run_url: str = ""
+
+    def page(self, pipeline_state: str, error: str = "") -> str:
+        """The run's result as Markdown, for the Kubeflow run page: the state, the failed step and its error, the
+        MLflow run and the numbers that decide whether fine-tuning worked."""
+        state = pipeline_state.strip().upper() or "UNKNOWN"
+        lines = [f"**Pipeline {state}**" + (f" in `{self.failed_step}`" if self.failed_step and
+                                             run_status(state) != "FINISHED" else "")]
+        if error.strip() and run_status(state) != "FINISHED":
+            lines.append(f"\n> {redact(error.strip(), secret_values())[:1000]}")
+        run = f"[`{self.run_id}`]({self.run_url})" if self.run_url else f"`{self.run_id}`"
+        lines.append(f"\nMLflow run {run}: {self.status}." if self.run_id else f"\n{self.message}.")
+        rows = [(label, " → ".join(f"{self.metrics[key]:.4g}" for key in keys))
+                for label, keys in RESULT_METRICS if all(key in self.metrics for key in keys)]
+        if "eval.tuned_beats_base" in self.metrics:
+            rows.append(("tuned beats base (held-out loss)", "yes" if self.metrics["eval.tuned_beats_base"] else "no"))
+        if self.tags.get(REGISTERED_MODEL_TAG):
+            rows.append(("registered adapter", f"{self.tags[REGISTERED_MODEL_TAG]} version "
+                                               f"{self.tags.get(REGISTERED_VERSION_TAG, '?')}"))
+        if rows:
+            lines += ["", "| result | value |", "|---|---|", *(f"| {label} | {value} |" for label, value in rows)]
+        return "\n".join(lines) + "\n"
 
 
 def run_status(pipeline_state: str) -> str:
@@ -78,16 +117,18 @@ def close_pipeline_run(tracking: Tracking, pipeline_state: str, *, failed_step: 
                 tags[PIPELINE_ERROR_TAG] = truncate(redact(error.strip(), secrets), MAX_TAG_LENGTH)
         for key, value in tags.items():
             tracker.client.set_tag(run.info.run_id, key, value)
+        tracker.run_id = run.info.run_id
+        found = {"metrics": dict(run.data.metrics), "tags": dict(run.data.tags), "run_url": tracker.run_url}
         if run.info.status != "RUNNING":
             return Closing(run.info.run_id, run.info.status, step,
                            f"MLflow run {run.info.run_id} had already ended {run.info.status}; pipeline state "
-                           f"{tags[PIPELINE_STATE_TAG]} recorded")
+                           f"{tags[PIPELINE_STATE_TAG]} recorded", **found)
         tracker.client.set_terminated(run.info.run_id, status)
     except Exception as error:  # noqa: BLE001 - a server outage must not turn a finished pipeline into a failure
         return Closing("", "", failed_step, redact(f"could not close the MLflow run at {uri}: "
                                                   f"{type(error).__name__}: {str(error)[:300]}", secrets))
     where = f" in {step}" if step and status != "FINISHED" else ""
-    return Closing(run.info.run_id, status, step, f"MLflow run {run.info.run_id} closed {status}{where}")
+    return Closing(run.info.run_id, status, step, f"MLflow run {run.info.run_id} closed {status}{where}", **found)
 
 
 def _find_run(tracker: Tracker, kfp_run_id: str):
