@@ -23,6 +23,7 @@ from kubetune.generation import (
     generate_answers,
     model_device,
     prompt_token_ids,
+    split_reasoning,
 )
 from kubetune.modeling import load_model, load_tokenizer
 from kubetune.report import render_report
@@ -175,6 +176,11 @@ def chrf_score(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(CHRF().corpus_score(list(hypotheses), [list(references)]).score)
 
 
+def _traces(traces: dict[str, list[str]], k: int) -> dict[str, str]:
+    """The reasoning traces of answer ``k`` that exist, as report row fields (``base_trace``, ``tuned_trace``)."""
+    return {f"{name}_trace": traces[name][k] for name in ("base", "tuned") if traces[name][k]}
+
+
 def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
@@ -225,14 +231,18 @@ def evaluate_adapter(
     pad_id = tokenizer.pad_token_id
     metrics: dict[str, float] = {"eval_rows": float(len(dataset))}
     answers: dict[str, list[str]] = {}
+    traces: dict[str, list[str]] = {}
     tokens = seconds = 0.0
     for name in ("base", "tuned"):
         # The same weights serve both: the adapter is bypassed for "base".
         with model.disable_adapter() if name == "base" else nullcontext():
             total, count = completion_loss(model, input_ids, masks, batch_tokens, pad_id)
-            answers[name], stats = generate_answers(
+            generated, stats = generate_answers(
                 model, tokenizer, prompts, config.max_new_tokens, config.generation_batch_size
             )
+        # a reasoning model's <think> trace is kept apart: the final answer is what is scored and compared
+        parts = [split_reasoning(text) for text in generated]
+        traces[name], answers[name] = [trace for trace, _ in parts], [answer for _, answer in parts]
         loss = total / count if count else math.nan
         metrics[f"{name}_eval_loss"] = loss
         metrics[f"{name}_perplexity"] = _perplexity(loss)
@@ -246,6 +256,9 @@ def evaluate_adapter(
     metrics["generation_tokens_per_second"] = tokens / seconds if seconds > 0 else 0.0
     metrics["loss_reduction"] = metrics["base_eval_loss"] - metrics["tuned_eval_loss"]
     metrics["chrf_gain"] = metrics["tuned_chrf"] - metrics["base_chrf"]
+    for name in ("base", "tuned"):  # answers still thinking when max_new_tokens ran out: raise it
+        metrics[f"{name}_unfinished_reasoning"] = float(sum(
+            1 for trace, answer in zip(traces[name], answers[name], strict=True) if trace and not answer))
     # The decision, as a number the Kubeflow run page shows: 1 when fine-tuning lowered the held-out loss.
     metrics["tuned_beats_base"] = float(metrics["tuned_eval_loss"] < metrics["base_eval_loss"])
 
@@ -261,6 +274,7 @@ def evaluate_adapter(
                 # per answer: where the tuned model moved toward the reference, and where it did not
                 "base_chrf": f"{chrf_score([answers['base'][k]], [references[k]]):.1f}",
                 "tuned_chrf": f"{chrf_score([answers['tuned'][k]], [references[k]]):.1f}",
+                **_traces(traces, k),
             }
         )
     for k, (question, _) in enumerate(probe_prompts, start=len(generated_rows)):
@@ -271,6 +285,7 @@ def evaluate_adapter(
                 "reference": "",
                 "base_answer": answers["base"][k],
                 "tuned_answer": answers["tuned"][k],
+                **_traces(traces, k),
             }
         )
 

@@ -139,3 +139,20 @@ def generate_answers(
     if was_training:
         model.train()
     return answers, GenerationStats(len(encoded), batches, generated, seconds)
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning trace, final answer) of a generated answer. Reasoning models (DeepSeek-R1 and its distills) write
+    ``<think>…</think>`` before the answer, and their chat templates often open ``<think>`` in the prompt: what
+    follows the last ``</think>`` is the answer. An answer that opened ``<think>`` and never closed it ran out of
+    tokens while thinking, and has no final answer. Text without the tags is all answer."""
+    close = text.rfind(THINK_CLOSE)
+    if close >= 0:
+        trace = text[:close]
+        return trace.split(THINK_OPEN, 1)[-1].strip(), text[close + len(THINK_CLOSE):].strip()
+    if text.lstrip().startswith(THINK_OPEN):
+        return text.lstrip()[len(THINK_OPEN):].strip(), ""
+    return "", text.strip()

@@ -108,6 +108,16 @@ def _chrf(row: dict[str, str], model: str) -> str:
         if value else ""
 
 
+def _trace(row: dict[str, str], model: str) -> str:
+    """A reasoning model's <think> trace, folded above its final answer (which the metrics score)."""
+    trace = row.get(f"{model}_trace", "")
+    if not trace:
+        return ""
+    unfinished = "" if row.get(f"{model}_answer") else " — no final answer within max_new_tokens"
+    return (f'<details class="trace"><summary>Reasoning ({len(trace):,} characters){unfinished}</summary>'
+            f'<pre class="text">{_esc(trace)}</pre></details>')
+
+
 def _row(index: int, row: dict[str, str]) -> str:
     kind = row.get("kind", "held-out")
     css_kind = "probe" if kind == "probe" else "held-out"
@@ -132,9 +142,9 @@ def _row(index: int, row: dict[str, str]) -> str:
         f'<span class="badge">{badge} #{index + 1}</span>\n{question}\n{reference}\n'
         '<div class="answers">'
         f'<div class="answer base-answer"><div class="label">Base model{_chrf(row, "base")}</div>'
-        f'<pre class="text">{_esc(row.get("base_answer", ""))}</pre></div>'
+        f'{_trace(row, "base")}<pre class="text">{_esc(row.get("base_answer", ""))}</pre></div>'
         f'<div class="answer tuned-answer"><div class="label">Tuned model (base + LoRA){_chrf(row, "tuned")}</div>'
-        f'<pre class="text">{_esc(row.get("tuned_answer", ""))}</pre></div>'
+        f'{_trace(row, "tuned")}<pre class="text">{_esc(row.get("tuned_answer", ""))}</pre></div>'
         "</div>\n</section>"
     )
 

@@ -312,3 +312,19 @@ def test_bad_eval_data_raises(tiny_model, adapter, tmp_path):
     Dataset.from_list([{"prompt": "q", "completion": "a"}]).to_parquet(str(path))
     with pytest.raises(KubetuneError, match="input_ids"):
         evaluate_adapter(tiny_model, adapter, str(path), str(tmp_path / "r.html"), CONFIG)
+
+
+def test_reasoning_traces_are_kept_apart_from_the_final_answer():
+    from kubetune.generation import split_reasoning
+
+    # R1-distill chat templates open <think> in the prompt: the answer starts inside the trace
+    assert split_reasoning("肺阴虚……</think>\n\n治宜滋阴润肺。") == ("肺阴虚……", "治宜滋阴润肺。")
+    assert split_reasoning("<think>先辨证</think>沙参麦冬汤") == ("先辨证", "沙参麦冬汤")
+    assert split_reasoning("<think>still thinking when the tokens ran out") == (
+        "still thinking when the tokens ran out", "")
+    assert split_reasoning("  no tags at all ") == ("", "no tags at all")
+    rows = [{"kind": "held-out", "prompt": "问", "reference": "答", "base_answer": "", "base_trace": "想<b>",
+             "tuned_answer": "答", "tuned_trace": "辨证", "base_chrf": "0.0", "tuned_chrf": "100.0"}]
+    page = render_report("t", {}, rows, {})
+    assert page.count('<details class="trace">') == 2 and "no final answer within max_new_tokens" in page
+    assert "想&lt;b&gt;" in page and "Reasoning (2 characters)" in page
