@@ -59,7 +59,12 @@ def _unresolved(why: str) -> Version:
 def local_version(path: str | os.PathLike) -> Version:
     """sha256 of a local file's or folder's bytes, or its files' names, sizes and times when it is large."""
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return files_version(root, [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()))
+
+
+def files_version(root: Path, files: list[Path]) -> Version:
+    """The version of ``files`` under ``root``: their names and bytes, or, above :data:`FULL_HASH_BYTES` in all,
+    their names, sizes and modification times."""
     stats = [(str(f.relative_to(root)) if f != root else f.name, f.stat()) for f in files]
     total = sum(stat.st_size for _, stat in stats)
     if total > FULL_HASH_BYTES:
@@ -125,14 +130,13 @@ def dataset_version(dataset: str) -> Version:
         return object_version(source.files)
     if len(source.files) == 1:
         return local_version(source.files[0])
-    listing = [(Path(f).name, local_version(f).version) for f in source.files]
-    return Version(f"files-{_digest(listing)}", how=f"{len(listing)} file(s) of one folder")
+    # the folder's data files only (others are not read), under one size limit for all of them
+    return files_version(Path(source.files[0]).parent, sorted(Path(f) for f in source.files))
 
 
 def model_version(base_model: str, revision: str = "") -> Version:
     """The version of a base model: a local directory's files, or the hub commit ``revision`` points to."""
     source = resolve_model_source(base_model, revision or None)
     if source.is_local:
-        version = local_version(source.location)
-        return Version(version.version, how=version.how)
+        return local_version(source.location)
     return hub_version(source.location, revision)

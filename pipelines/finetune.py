@@ -164,7 +164,7 @@ def _constants(options: PipelineOptions) -> dict:
     return {
         "kfp_run_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         "kfp_run_name": dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
-        "checkpoint_root": f"{volume}/checkpoints" if volume == CACHE_MOUNT else volume,
+        "checkpoint_root": CHECKPOINT_ROOT if volume == CACHE_MOUNT else volume,
         "cache_root": volume,
         # one process per GPU: the accelerator count sets both the pod's GPU request and the DDP world size
         "num_gpus": max(train_placement.accelerator_count, 1) if train_placement.uses_gpu else 1,

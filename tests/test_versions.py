@@ -151,6 +151,18 @@ def test_large_sources_use_names_sizes_and_times(tmp_path, monkeypatch):
     assert versions.model_version(str(model)).version != first.version
 
 
+def test_a_folder_is_hashed_under_one_size_limit_for_all_its_files(tmp_path, monkeypatch):
+    """Files each under the limit but over it together are not all read byte by byte."""
+    monkeypatch.setattr(versions, "FULL_HASH_BYTES", 100)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a.jsonl", "b.jsonl"):
+        (folder / name).write_text('{"prompt": "p", "completion": "' + "c" * 50 + '"}\n', encoding="utf-8")
+    (folder / "notes.txt").write_text("not data", encoding="utf-8")
+    version = versions.dataset_version(str(folder))
+    assert version.version.startswith("stat-") and version.how.startswith("2 file(s)")
+
+
 def test_bundled_data_has_a_content_version():
     version = versions.dataset_version("kubetune://tcm-demo")
     assert version.resolved and version.version.startswith("sha256-")

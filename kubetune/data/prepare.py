@@ -5,7 +5,8 @@ Outputs (parquet, one row per sample): ``prompt`` (rendered prompt text), ``comp
 The prompt's token ids are ``input_ids`` where ``completion_mask`` is 0; generation should start from them.
 A sample truncated to ``max_length`` keeps its prompt and the first completion tokens and gets no eos, since
 the answer does not end there. Under ``length_policy=truncate`` an alpaca input too long for the instruction and
-the answer to fit is first cut in its middle (start and end kept, the cut marked; ``input_truncated`` counts them). Working files go to a temporary folder (set TMPDIR for very large data).
+the answer to fit is first cut in its middle (start and end kept, the cut marked; ``input_truncated`` counts them).
+Working files go to a temporary folder (set TMPDIR for very large data).
 
 Secrets: the values of secret environment variables (``HF_TOKEN``, ``AWS_SECRET_ACCESS_KEY``, ...; see
 :func:`kubetune.secrets.secret_values`, the one policy of every writer) are replaced by ``***`` in the persona and in every prompt and answer, so a token

@@ -153,7 +153,7 @@ class Renderer:
     def _cut_input(self, row: dict[str, Any], prompt_tokens: int, answer_room: int) -> tuple[str, list[int]] | None:
         """(prompt, token ids) with the alpaca input cut in its middle (its start and end kept, the cut marked) so
         the instruction and ``answer_room`` tokens of answer fit ``max_length``; None when that is impossible."""
-        extra = row.get("input") or "" if self.fmt == "alpaca" else ""
+        extra = (row.get("input") or "") if self.fmt == "alpaca" else ""
         if not extra.strip():
             return None
         extra_ids = self.tokenizer(extra, add_special_tokens=False)["input_ids"]
