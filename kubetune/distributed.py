@@ -97,6 +97,20 @@ def child_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def max_across_ranks(values: list[int]) -> list[int]:
+    """Each value's maximum over the ranks of the initialised process group (the values as they are when there is
+    none, or one rank). Every rank must call it at the same point: it is one all-reduce."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [int(value) for value in tensor.tolist()]
+
+
 SHUTDOWN_TIMEOUT_S = 300
 """How long torchrun waits for its workers after passing on SIGTERM (they save a checkpoint) before SIGKILL."""
 

@@ -26,6 +26,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from kubetune.distributed import max_across_ranks
+
 log = logging.getLogger("kubetune")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -79,7 +81,7 @@ class StopOnSignal(TrainerCallback):
             loader.worker_init_fn = partial(leave_process_group, loader.worker_init_fn)
 
     def on_step_end(self, args, state, control, **kwargs):
-        signum = agree_across_ranks(self.received)
+        signum = signal_of_any_rank(self.received)
         # A signal during the last step stops nothing: the adapter is complete and is written as usual.
         if signum and state.global_step < state.max_steps:
             self.stopped_by = signum
@@ -102,22 +104,14 @@ class StopOnSignal(TrainerCallback):
         raise StoppedBySignal(self.stopped_by)
 
 
-def agree_across_ranks(signum: int) -> int:
+def signal_of_any_rank(signum: int) -> int:
     """The stop signal any rank received, on every rank, so that all stop after the same step.
 
     Every rank calls this at the same optimizer-step boundary (``on_step_end``), so the all-reduce pairs up. Without
     it, torchrun's ranks, which get SIGTERM at slightly different times, could stop at different steps: one would
     wait forever in the next step's gradient all-reduce. Costs one 4-byte all-reduce per optimizer step.
     """
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return signum
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    flag = torch.tensor([signum], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
+    return max_across_ranks([signum])[0]
 
 
 def leave_process_group(init: Callable[[int], None] | None, worker_id: int) -> None:

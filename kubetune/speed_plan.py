@@ -166,15 +166,12 @@ def agree_across_ranks(plan: SpeedPlan) -> SpeedPlan:
     """One plan for every rank: DDP needs the same number of batches per rank, so all take the smallest packed
     batch any rank's free memory allows, and checkpointing if any rank needs it (a smaller batch with
     checkpointing fits wherever the larger one without it did)."""
-    import torch
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return plan
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    values = torch.tensor([-plan.per_device_batch, int(plan.gradient_checkpointing)], device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    per_device_batch, checkpointing = -int(values[0]), bool(values[1])
+    from kubetune.distributed import max_across_ranks
+
+    smallest_batch, checkpointing = max_across_ranks([-plan.per_device_batch, int(plan.gradient_checkpointing)])
+    per_device_batch, checkpointing = -smallest_batch, bool(checkpointing)
     if (per_device_batch, checkpointing) != (plan.per_device_batch, plan.gradient_checkpointing):
         plan.reasons.append(
             f"{dist.get_world_size()} ranks agreed on per_device_batch={per_device_batch}, checkpointing "
