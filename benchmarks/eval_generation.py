@@ -1,11 +1,17 @@
-"""Generation throughput of the evaluation step: one prompt at a time vs kubetune's batched generation.
+"""Generation throughput of the evaluation step, path by path, with each path's output checked against the 4-bit
+model's own.
 
 Builds a model of a given shape with random weights on the spot (throughput does not depend on the weights),
 optionally stores it in 4-bit through ``kubetune.modeling.quantize_model`` exactly as the pipeline does, and
-times greedy generation of the same random-token prompts two ways:
+times greedy generation of the same random-token prompts:
 
-(a) the loop a notebook writes: ``model.generate`` on one prompt at a time;
-(b) ``kubetune.evaluate.generate_answers``: length-sorted, left-padded batches with the KV cache.
+- ``loop``: the loop a notebook writes, ``model.generate`` on one prompt at a time;
+- ``4bit``: :func:`kubetune.generation.generate_ids` on the 4-bit model (length-sorted, left-padded batches);
+- ``plain``: the same on :func:`kubetune.plain_weights.plain_copy` (weights dequantized once), which the
+  evaluation step uses when memory allows; ``plain_static`` adds a static KV cache (transformers then compiles
+  the decoding step, CUDA graphs), after a warm-up run that pays the compile;
+- ``4bit_tuned`` / ``plain_merged_tuned``: a random LoRA adapter on every linear layer, unmerged on the 4-bit
+  model vs merged into the plain copy (the tuned pass).
 
 Both use greedy decoding and ``min_new_tokens = max_new_tokens`` (random weights emit EOS at random), so every
 answer has the same length in both runs. The loop is slow, so it is timed on the first ``--loop-prompts``
@@ -14,7 +20,7 @@ prompts and its tokens/s taken as the per-prompt rate; the output says how many 
     python benchmarks/eval_generation.py --shape 7b --quantization nf4        # on a GPU
     python benchmarks/eval_generation.py --shape tiny --prompts 8 --max-new-tokens 16 --loop-prompts 2  # CPU smoke
 
-Prints one JSON line on stdout; progress goes to stderr.
+Prints one JSON line on stdout (``--record`` appends it to benchmarks/results.jsonl); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ from pathlib import Path
 import torch
 
 from kubetune.config import QuantConfig
-from kubetune.generation import generate_answers
+from kubetune.generation import generate_answers, generate_ids
 from kubetune.modeling import load_model, load_tokenizer, quantize_model
+from kubetune.plain_weights import plain_copy
 from kubetune.tiny import make_tiny_model, make_tokenizer
+
+RESULTS_FILE = Path(__file__).resolve().parent / "results.jsonl"
 
 # Qwen2.5-7B (and DeepSeek-R1-Distill-Qwen-7B) shape.
 SHAPE_7B = {
@@ -126,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=0, help="generate_answers batch size (0 = its auto)")
     parser.add_argument("--loop-prompts", type=int, default=8, help="prompts timed in the one-at-a-time loop")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-compile", action="store_true", help="leave out the static-cache (compiled) path")
+    parser.add_argument("--record", action="store_true", help="append the result to benchmarks/results.jsonl")
     parser.add_argument("--workdir", default="", help="where the random model is written (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -151,44 +162,119 @@ def main(argv: list[str] | None = None) -> dict:
         generate_answers(model, tokenizer, prompts[:2], 4, 2, min_new_tokens=4)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        n = args.max_new_tokens
 
         log(f"one-at-a-time loop over {len(loop_prompts)} prompts")
-        loop_tokens, loop_seconds = one_at_a_time(model, tokenizer, loop_prompts, args.max_new_tokens)
-        log(f"batched generation over {len(prompts)} prompts")
-        _, stats = generate_answers(
-            model, tokenizer, prompts, args.max_new_tokens, args.batch_size, min_new_tokens=args.max_new_tokens
-        )
+        loop_tokens, loop_seconds = one_at_a_time(model, tokenizer, loop_prompts, n)
+        loop_rate = loop_tokens / loop_seconds
+        rows: dict[str, dict] = {}
 
-    loop_rate = loop_tokens / loop_seconds
-    batched_rate = stats.tokens_per_second
+        def timed(name: str, target, reference: list[list[int]] | None = None, **kwargs) -> list[list[int]]:
+            log(f"{name}: {len(prompts)} prompts x {n} new tokens")
+            outputs, stats = generate_ids(target, tokenizer, prompts, n, args.batch_size, min_new_tokens=n, **kwargs)
+            ids = [tokens for tokens, _ in outputs]
+            rows[name] = {"tokens_per_s": round(stats.tokens_per_second, 1), "seconds": round(stats.seconds, 2),
+                          "x_loop": round(stats.tokens_per_second / loop_rate, 2)}
+            if reference is not None:
+                rows[name]["same_tokens_as_reference"] = round(token_agreement(ids, reference), 4)
+            log(f"{name}: {rows[name]}")
+            return ids
+
+        reference = timed("4bit", model)
+        started = time.perf_counter()
+        plain = plain_copy(model, merge_adapter=False)
+        rows["plain_copy_seconds"] = round(time.perf_counter() - started, 2)
+        timed("plain", plain, reference)
+        if torch.cuda.is_available() and not args.skip_compile:
+            started = time.perf_counter()
+            timed("plain_static_warmup", plain, reference, static_cache=True)  # compiles (CUDA graphs)
+            rows["compile_seconds"] = round(time.perf_counter() - started, 2)
+            timed("plain_static", plain, reference, static_cache=True)
+        del plain
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+        # The tuned pass: a LoRA adapter with non-zero weights on every linear layer, merged into the plain copy.
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(args.seed)
+        tuned = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 init_lora_weights=False)).eval()
+        for name, parameter in tuned.named_parameters():
+            if "lora_B" in name:  # a trained adapter's size: its output a small share of the base layer's
+                parameter.data.mul_(0.05)
+        tuned_reference = timed("4bit_tuned", tuned)
+        merged = plain_copy(tuned, merge_adapter=True)
+        timed("plain_merged_tuned", merged, tuned_reference)
+        # Random weights give near-uniform next-token scores, so greedy paths part at the first near-tie: the
+        # numbers are compared on the same token sequences instead (the 4-bit model's answers, teacher-forced).
+        check = [prompts[i] + reference[i] for i in range(min(8, len(prompts)))]
+        plain = plain_copy(tuned, merge_adapter=False)
+        with tuned.disable_adapter():
+            rows["plain"]["logits_vs_4bit"] = logits_agreement(plain, tuned, check)
+        rows["plain_merged_tuned"]["logits_vs_4bit"] = logits_agreement(merged, tuned, check)
+
+    best = max(("plain", "plain_static"), key=lambda k: rows.get(k, {}).get("tokens_per_s", 0))
     import transformers
 
     result = {
         "benchmark": "eval_generation",
+        "config": "eval_generation",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "command": "python3 benchmarks/eval_generation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "shape": args.shape,
         "quantization": args.quantization,
         "prompts": len(prompts),
         "prompt_tokens": [args.min_prompt_tokens, args.max_prompt_tokens],
-        "max_new_tokens": args.max_new_tokens,
+        "max_new_tokens": n,
         "batch_size": args.batch_size or "auto",
-        "batches": stats.batches,
         "loop_prompts_timed": len(loop_prompts),
         "loop_tokens_per_s": round(loop_rate, 2),
-        "batched_tokens_per_s": round(batched_rate, 2),
-        "speedup": round(batched_rate / loop_rate, 2),
-        "batched_seconds": round(stats.seconds, 2),
-        "loop_seconds_all_prompts_estimated": round(loop_seconds / len(loop_prompts) * len(prompts), 2),
+        "paths": rows,
+        "best_path": best,
+        "tokens_per_s": rows.get(best, {}).get("tokens_per_s"),
+        "x_loop": rows.get(best, {}).get("x_loop"),
+        "x_4bit_batched": round(rows.get(best, {}).get("tokens_per_s", 0) / rows["4bit"]["tokens_per_s"], 2),
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
         "note": (
-            f"loop timed on the first {len(loop_prompts)} of {len(prompts)} prompts, rate per prompt extrapolated; "
-            "greedy, min_new_tokens=max_new_tokens in both; random weights"
+            f"loop timed on the first {len(loop_prompts)} of {len(prompts)} prompts; greedy, "
+            "min_new_tokens=max_new_tokens everywhere; random weights; same_tokens_as_reference: generated tokens equal to the 4-bit "
+            "model's (base) or the 4-bit model + unmerged adapter's (tuned), which random weights' near-ties make low; "
+            "logits_vs_4bit: teacher-forced scores on 8 of the 4-bit model's answers"
         ),
     }
     print(json.dumps(result), flush=True)
+    if args.record:
+        with RESULTS_FILE.open("a") as f:
+            f.write(json.dumps(result) + "\n")
     return result
+
+
+def logits_agreement(model, reference, sequences: list[list[int]]) -> dict:
+    """Next-token scores of ``model`` vs ``reference`` on the same sequences: relative error (Frobenius) and the
+    share of positions with the same top token."""
+    device = model.get_input_embeddings().weight.device
+    error = norm = same = total = 0.0
+    with torch.inference_mode():
+        for sequence in sequences:
+            ids = torch.tensor([sequence], device=device)
+            got, want = model(ids).logits.float(), reference(ids).logits.float()
+            error += float((got - want).square().sum())
+            norm += float(want.square().sum())
+            same += float((got.argmax(-1) == want.argmax(-1)).sum())
+            total += want.shape[1]
+    return {"relative_error": round((error / norm) ** 0.5, 5), "same_top_token": round(same / total, 4)}
+
+
+def token_agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
+    """Share of positions where two sets of answers hold the same token (up to each pair's shorter length)."""
+    same = total = 0
+    for a, b in zip(outputs, reference, strict=True):
+        same += sum(x == y for x, y in zip(a, b, strict=False))  # up to the shorter answer
+        total += max(len(a), len(b))
+    return same / total if total else 1.0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,12 @@ def evaluate_model(
     probe_questions: list = ["久咳不愈怎么治疗？", "How should a persistent cough be treated in Traditional Chinese Medicine?"],
     max_new_tokens: int = 256,
     max_generation_samples: int = 32,
+    reasoning: str = "auto",
+    thinking_budget: int = 1024,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    fast_generation: bool = True,
     mlflow_tracking_uri: str = "",
     mlflow_experiment: str = "kubetune",
     mlflow_required: bool = True,
@@ -35,8 +41,18 @@ def evaluate_model(
         training_mlflow_store: train_lora's mlflow_store: where evaluation carries on when training had no
             tracking server.
         probe_questions: Questions asked of both models besides the held-out prompts (the side-by-side check).
-        max_new_tokens: Cap on generated tokens per answer.
+        max_new_tokens: Cap on generated tokens per answer (after the thinking, for reasoning models).
         max_generation_samples: Held-out prompts to generate answers for (0 = all).
+        reasoning: Whether the model thinks in <think>…</think> before answering (DeepSeek-R1 distills, QwQ,
+            Qwen3): auto detects it from the chat template; then the trace is kept apart and only the final answer
+            is scored.
+        thinking_budget: Reasoning models: tokens of thinking before the answer is asked for (</think> is written
+            for an answer still thinking). R1-distill 7B thinks a few hundred to ~1,500 tokens on a domain question.
+        temperature: Sampling temperature of the answers; 0 = greedy (reproducible comparisons).
+        top_p: Nucleus sampling share when temperature > 0.
+        repetition_penalty: Penalty on repeated tokens (1 = none).
+        fast_generation: Generate on the 4-bit base dequantized once (same numbers) with the adapter merged, when
+            memory allows.
         mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite
             store.
         mlflow_experiment: MLflow experiment name.
@@ -62,7 +78,9 @@ def evaluate_model(
         result = steps.evaluate(
             model.path, adapter.path, eval_data.path, report.path,
             EvalConfig(probe_questions=[str(q) for q in probe_questions], max_new_tokens=max_new_tokens,
-                       max_generation_samples=max_generation_samples),
+                       max_generation_samples=max_generation_samples, reasoning=reasoning,
+                       thinking_budget=thinking_budget, temperature=temperature, top_p=top_p,
+                       repetition_penalty=repetition_penalty, fast_generation=fast_generation),
             tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name,
                               required=mlflow_required, store_dir=mlflow_store.path).for_evaluation(
                 adapter.metadata, training_mlflow_store.path if training_mlflow_store else ""),

@@ -269,10 +269,24 @@ class EvalConfig:
         "Questions asked of both models besides the held-out prompts (the side-by-side check).",
         ["久咳不愈怎么治疗？", "How should a persistent cough be treated in Traditional Chinese Medicine?"],
     )
-    max_new_tokens: int = _help("Cap on generated tokens per answer.", 256)
+    max_new_tokens: int = _help("Cap on generated tokens per answer (after the thinking, for reasoning models).", 256)
     generation_batch_size: int = _help("Prompts generated together (0 = auto).", 0)
     max_generation_samples: int = _help("Held-out prompts to generate answers for (0 = all).", 32)
     eval_batch_tokens: int = _help("Tokens per batch for loss/perplexity (0 = auto).", 0)
+    reasoning: Literal["auto", "on", "off"] = _help(
+        "Whether the model thinks in <think>…</think> before answering (DeepSeek-R1 distills, QwQ, Qwen3): auto "
+        "detects it from the chat template; then the trace is kept apart and only the final answer is scored.",
+        "auto")
+    thinking_budget: int = _help(
+        "Reasoning models: tokens of thinking before the answer is asked for (</think> is written for an answer "
+        "still thinking). R1-distill 7B thinks a few hundred to ~1,500 tokens on a domain question.", 1024)
+    temperature: float = _help("Sampling temperature of the answers; 0 = greedy (reproducible comparisons).", 0.0)
+    top_p: float = _help("Nucleus sampling share when temperature > 0.", 1.0)
+    repetition_penalty: float = _help("Penalty on repeated tokens (1 = none).", 1.0)
+    seed: int = _help("Seed for sampling, the train/eval split and training.", 42)
+    fast_generation: bool = _help(
+        "Generate on the 4-bit base dequantized once (same numbers) with the adapter merged, when memory allows.",
+        True)
 
     def validate(self) -> None:
         collect(self.problems())
@@ -288,6 +302,17 @@ class EvalConfig:
             problems.append((f"max_generation_samples={self.max_generation_samples} is negative", "use 0 for all"))
         if self.eval_batch_tokens < 0:
             problems.append((f"eval_batch_tokens={self.eval_batch_tokens} is negative", "use 0 for auto"))
+        if self.reasoning not in ("auto", "on", "off"):
+            problems.append((f"reasoning={self.reasoning!r} is not auto, on or off", "use reasoning=auto"))
+        if self.thinking_budget <= 0:
+            problems.append((f"thinking_budget={self.thinking_budget} must be positive", "use e.g. 1024"))
+        if self.temperature < 0:
+            problems.append((f"temperature={self.temperature} is negative", "use 0 for greedy or e.g. 0.6"))
+        if not 0 < self.top_p <= 1:
+            problems.append((f"top_p={self.top_p} is outside (0, 1]", "use e.g. 0.95, or 1 for no cut"))
+        if self.repetition_penalty <= 0:
+            problems.append((f"repetition_penalty={self.repetition_penalty} must be positive", "use 1 for none"))
+        _check_seed(self.seed, problems)
         return problems
 
 

@@ -19,13 +19,18 @@ from kubetune.config import EvalConfig
 from kubetune.data import load_prepared
 from kubetune.errors import KubetuneError
 from kubetune.generation import (
+    GenerationStats,
+    Sampling,
     cuda_available,
     generate_answers,
+    generate_reasoned_answers,
     model_device,
     prompt_token_ids,
     split_reasoning,
+    writes_reasoning,
 )
 from kubetune.modeling import load_model, load_tokenizer
+from kubetune.plain_weights import fits_in_memory, plain_copy
 from kubetune.report import render_report
 from kubetune.secrets import redact, secret_values
 from kubetune.storage import atomic_file
@@ -185,6 +190,48 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def generation_settings(config: EvalConfig, *, reasoning: bool) -> dict[str, Any]:
+    """The generation settings a served tuned model should use to answer as it did here (MLflow model metadata):
+    a reasoning model's token cap covers its thinking too."""
+    sampling = Sampling(config.temperature, config.top_p, config.repetition_penalty, config.seed)
+    kwargs = {k: v for k, v in sampling.generation_kwargs().items() if k != "top_k"}
+    return {"max_new_tokens": config.max_new_tokens + (config.thinking_budget if reasoning else 0), **kwargs}
+
+
+def _generate(model, tokenizer, prompts, config: EvalConfig, *, tuned: bool,
+              reasoning: bool) -> tuple[list[str], list[bool], GenerationStats, list[str]]:
+    """Answers of the base model (``tuned`` False) or the tuned one: (texts, which were made to stop thinking,
+    stats, how they were made). Generated on a plain copy of the weights (:mod:`kubetune.plain_weights`) when
+    ``config.fast_generation`` and it fits in memory, else on the 4-bit model itself."""
+    import torch
+
+    sampling = Sampling(config.temperature, config.top_p, config.repetition_penalty, config.seed)
+    how = [f"temperature={config.temperature}, top_p={config.top_p}" if config.temperature > 0 else "greedy"]
+    plain = None
+    if config.fast_generation:
+        fits, why = fits_in_memory(model)
+        plain = plain_copy(model, merge_adapter=tuned) if fits else None
+        how.append("dequantized weights, adapter merged" if plain is not None else f"4-bit weights ({why or 'layout'})")
+    target = plain if plain is not None else model
+    try:
+        with model.disable_adapter() if plain is None and not tuned else nullcontext():
+            if reasoning:
+                how.append(f"thinking_budget={config.thinking_budget} then max_new_tokens={config.max_new_tokens}")
+                texts, forced, stats = generate_reasoned_answers(
+                    target, tokenizer, prompts, thinking_budget=config.thinking_budget,
+                    max_new_tokens=config.max_new_tokens, batch_size=config.generation_batch_size, sampling=sampling)
+            else:
+                how.append(f"max_new_tokens={config.max_new_tokens}")
+                texts, stats = generate_answers(target, tokenizer, prompts, config.max_new_tokens,
+                                                config.generation_batch_size, sampling=sampling)
+                forced = [False] * len(texts)
+    finally:
+        del target, plain
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return texts, forced, stats, how + ["KV cache, left-padded batches"]
+
+
 def evaluate_adapter(
     model_dir: str,
     adapter_dir: str,
@@ -233,13 +280,16 @@ def evaluate_adapter(
     answers: dict[str, list[str]] = {}
     traces: dict[str, list[str]] = {}
     tokens = seconds = 0.0
+    reasoning = config.reasoning == "on" or (config.reasoning == "auto" and writes_reasoning(tokenizer))
+    metrics["reasoning"] = float(reasoning)
+    how: list[str] = []
     for name in ("base", "tuned"):
         # The same weights serve both: the adapter is bypassed for "base".
         with model.disable_adapter() if name == "base" else nullcontext():
             total, count = completion_loss(model, input_ids, masks, batch_tokens, pad_id)
-            generated, stats = generate_answers(
-                model, tokenizer, prompts, config.max_new_tokens, config.generation_batch_size
-            )
+        generated, forced, stats, how = _generate(model, tokenizer, prompts, config, tuned=name == "tuned",
+                                                  reasoning=reasoning)
+        metrics[f"{name}_forced_answers"] = float(sum(forced))
         # a reasoning model's <think> trace is kept apart: the final answer is what is scored and compared
         parts = [split_reasoning(text) for text in generated]
         traces[name], answers[name] = [trace for trace, _ in parts], [answer for _, answer in parts]
@@ -294,7 +344,7 @@ def evaluate_adapter(
         "Adapter": adapter_dir,
         "Eval data": f"{eval_path} ({len(dataset)} rows, {count} completion tokens scored)",
         "Device": torch.cuda.get_device_name() if cuda_available() else "cpu",
-        "Generation": f"greedy, max_new_tokens={config.max_new_tokens}, KV cache, left-padded batches",
+        "Generation": ", ".join(how),
         "Date (UTC)": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
     # The report is a file users share: no secret value (a token in a probe question, say) reaches it.

@@ -68,6 +68,26 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are drawn: greedy (temperature 0, the default: reproducible comparisons) or sampled."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def generation_kwargs(self) -> dict:
+        kwargs: dict = {"repetition_penalty": self.repetition_penalty}
+        if self.temperature > 0:
+            return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
+        # explicit greedy settings win over a hub generation_config that samples (R1 distills ship temperature 0.6)
+        return {**kwargs, "do_sample": False, "temperature": 1.0, "top_p": 1.0, "top_k": 50}
+
+
+GREEDY = Sampling()
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -76,13 +96,34 @@ def generate_answers(
     batch_size: int = 0,
     *,
     min_new_tokens: int = 0,
+    sampling: Sampling = GREEDY,
+    static_cache: bool = False,
 ) -> tuple[list[str], GenerationStats]:
-    """Greedy answers for ``prompts`` (text or token ids), in their order, generated in left-padded batches.
+    """Answers for ``prompts`` (text or token ids), in their order, generated in left-padded batches.
 
     Prompts are sorted by length before batching so a batch holds similar lengths (little padding); each batch
     is one ``generate`` call with the KV cache. Only new tokens are decoded, up to the first EOS, without special
     tokens. ``min_new_tokens`` exists for benchmarks, where random weights must produce equal lengths.
+    ``static_cache`` preallocates the KV cache, which lets transformers compile the decoding step (CUDA graphs):
+    worth it only when many tokens are generated, since compiling takes a while.
     """
+    outputs, stats = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
+                                  min_new_tokens=min_new_tokens, sampling=sampling, static_cache=static_cache)
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs], stats
+
+
+def generate_ids(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int = 0,
+    *,
+    min_new_tokens: int = 0,
+    sampling: Sampling = GREEDY,
+    static_cache: bool = False,
+) -> tuple[list[tuple[list[int], bool]], GenerationStats]:
+    """:func:`generate_answers` as token ids: per prompt (new tokens before the EOS, whether an EOS ended it)."""
     import torch
     from transformers import GenerationConfig
 
@@ -93,25 +134,24 @@ def generate_answers(
     batch_size = batch_size or (GPU_GENERATION_BATCH if cuda_available() else CPU_GENERATION_BATCH)
     eos_ids = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    # Explicit greedy settings win over a hub generation_config that samples (R1 distills ship temperature 0.6).
     generation_config = GenerationConfig(
-        do_sample=False,
         num_beams=1,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=50,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens or None,
         use_cache=True,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
+        cache_implementation="static" if static_cache else None,
+        **sampling.generation_kwargs(),
     )
     device = model_device(model)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    answers = [""] * len(encoded)
+    outputs: list[tuple[list[int], bool]] = [([], False)] * len(encoded)
     generated = batches = 0
     was_training = model.training
     model.eval()
+    if sampling.temperature > 0:
+        torch.manual_seed(sampling.seed)
     synchronize()
     started = time.perf_counter()
     with torch.inference_mode():
@@ -131,14 +171,13 @@ def generate_answers(
             for row, index in enumerate(batch):
                 new = output[row, width:].tolist()
                 stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
-                answer = new if stop is None else new[:stop]
                 generated += len(new) if stop is None else stop + 1  # the EOS was generated too
-                answers[index] = tokenizer.decode(answer, skip_special_tokens=True)
+                outputs[index] = (new, False) if stop is None else (new[:stop], True)
     synchronize()
     seconds = time.perf_counter() - started
     if was_training:
         model.train()
-    return answers, GenerationStats(len(encoded), batches, generated, seconds)
+    return outputs, GenerationStats(len(encoded), batches, generated, seconds)
 
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -156,3 +195,48 @@ def split_reasoning(text: str) -> tuple[str, str]:
     if text.lstrip().startswith(THINK_OPEN):
         return text.lstrip()[len(THINK_OPEN):].strip(), ""
     return "", text.strip()
+
+
+def writes_reasoning(tokenizer) -> bool:
+    """Whether the model writes a ``<think>`` trace before its answer (DeepSeek-R1 and its distills, QwQ, Qwen3):
+    its chat template or its vocabulary knows the closing tag."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):
+        template = " ".join(str(t) for t in template.values())
+    return THINK_CLOSE in template or THINK_CLOSE in tokenizer.get_vocab()
+
+
+FORCED_CLOSE = f"\n{THINK_CLOSE}\n\n"
+
+
+def generate_reasoned_answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    thinking_budget: int,
+    max_new_tokens: int,
+    batch_size: int = 0,
+    sampling: Sampling = GREEDY,
+    static_cache: bool = False,
+) -> tuple[list[str], list[bool], GenerationStats]:
+    """Answers of a reasoning model, each with a final answer: up to ``thinking_budget`` tokens first; an answer
+    that has not ended by then continues for ``max_new_tokens`` more, after ``</think>`` is written for it when it
+    was still thinking (so it must answer). Returns the texts, which answers were cut short that way, and the
+    stats of both rounds together."""
+    encoded = [encode_prompt(tokenizer, p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+    first, stats = generate_ids(model, tokenizer, encoded, thinking_budget, batch_size, sampling=sampling,
+                                static_cache=static_cache)
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in first]
+    forced = [not ended and THINK_CLOSE not in text for (_, ended), text in zip(first, texts, strict=True)]
+    going_on = [i for i, (_, ended) in enumerate(first) if not ended]
+    if not going_on:
+        return texts, forced, stats
+    close_ids = tokenizer(FORCED_CLOSE, add_special_tokens=False)["input_ids"]
+    continued = [encoded[i] + first[i][0] + (close_ids if forced[i] else []) for i in going_on]
+    second, more = generate_ids(model, tokenizer, continued, max_new_tokens, batch_size, sampling=sampling,
+                                static_cache=static_cache)
+    for k, (i, (ids, _)) in enumerate(zip(going_on, second, strict=True)):  # decoded whole: a character may span
+        texts[i] = tokenizer.decode(continued[k][len(encoded[i]):] + ids, skip_special_tokens=True)  # both rounds
+    return texts, forced, GenerationStats(stats.prompts, stats.batches + more.batches,
+                                          stats.generated_tokens + more.generated_tokens, stats.seconds + more.seconds)

@@ -24,11 +24,13 @@ CONFIGS: tuple[type, ...] = (RunConfig, DataConfig, QuantConfig, LoraSettings, T
 """Every settings dataclass; a name that two of them declare (seed, trust_remote_code) is one setting."""
 
 PIPELINE_PARAMETERS: tuple[str, ...] = (
-    "dataset", "dataset_subset", "dataset_split", "base_model", "model_revision", "dataset_format", "columns", "prompt_style", "persona", "max_length",
+    "dataset", "dataset_subset", "dataset_split", "base_model", "model_revision", "dataset_format", "columns", "prompt_style",
+    "persona", "max_length",
     "length_policy", "max_samples", "eval_fraction", "max_eval_samples", "quantization", "double_quant", "lora_r",
     "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs",
     "max_steps", "batch_tokens", "gradient_accumulation", "lean", "save_steps", "checkpoint_dir", "seed",
-    "probe_questions", "max_new_tokens", "max_generation_samples", "mlflow_tracking_uri", "mlflow_experiment",
+    "probe_questions", "max_new_tokens", "max_generation_samples", "reasoning", "thinking_budget", "temperature",
+    "top_p", "mlflow_tracking_uri", "mlflow_experiment",
     "mlflow_required", "trust_remote_code",
 )
 """The pipeline parameters the Kubeflow UI shows, in its order; each is a field of one of :data:`CONFIGS`."""

@@ -25,7 +25,7 @@ from kubetune import distributed, records, versions
 from kubetune.config import DataConfig, EvalConfig, LoraSettings, QuantConfig, TrainConfig, from_dict, to_dict
 from kubetune.data import prepare_dataset
 from kubetune.errors import KubetuneError
-from kubetune.evaluate import evaluate_adapter
+from kubetune.evaluate import evaluate_adapter, generation_settings
 from kubetune.modeling import load_tokenizer, quantize_model, read_model_metadata
 from kubetune.prompts import build_prompt
 from kubetune.secrets import without_credentials
@@ -317,7 +317,7 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
         base_model, base_path = records.base_reference(read_model_metadata(model_dir))
         tracker.log_adapter_model(
             result.model, result.tokenizer, base_model=base_model, base_path=base_path, metrics=result.metrics,
-            name=tracking.model_name(), generation={"max_new_tokens": config.max_new_tokens, "do_sample": False},
+            name=tracking.model_name(), generation=generation_settings(config, reasoning=bool(result.metrics["reasoning"])),
         )
     report = tracker.finish(status="FINISHED", timeout_s=300, **tracking.open_kwargs())
     records.note_store(tracking, tracker)

@@ -86,10 +86,10 @@ def adapter(tiny_model, tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def evaluated(tiny_model, adapter, eval_parquet, tmp_path_factory) -> tuple[EvalResult, list[int]]:
     """One evaluation for the module; every generate call's batch size is recorded."""
-    from peft import PeftModelForCausalLM
+    from transformers.generation.utils import GenerationMixin
 
     batch_sizes: list[int] = []
-    original = PeftModelForCausalLM.generate
+    original = GenerationMixin.generate
 
     def counting_generate(self, *args, **kwargs):
         batch_sizes.append(int(kwargs["input_ids"].shape[0]))
@@ -97,7 +97,7 @@ def evaluated(tiny_model, adapter, eval_parquet, tmp_path_factory) -> tuple[Eval
 
     report = tmp_path_factory.mktemp("reports") / "report.html"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(PeftModelForCausalLM, "generate", counting_generate)
+        patch.setattr(GenerationMixin, "generate", counting_generate)
         result = evaluate_adapter(tiny_model, adapter, eval_parquet, str(report), CONFIG, probe_prompts=PROBES)
     return result, batch_sizes
 

@@ -122,3 +122,27 @@ def test_lora_epilogue_kernel_matches_addmm(tokens, width, rank):
     torch.addmm(c, h, b.t(), alpha=2.0).backward(grad)
     for mine, theirs in zip(got, (c.grad, h.grad, b.grad), strict=True):
         torch.testing.assert_close(mine.float(), theirs.float(), rtol=2e-2, atol=2e-2 * theirs.abs().max().item())
+
+
+def test_plain_copy_computes_what_the_4bit_model_computes(quantized_model_dir):
+    """bitsandbytes multiplies by its 4-bit weight in a fused kernel whose sums run in another order than a plain
+    matmul's: the plain copy's logits equal the 4-bit model's within bf16 rounding, base and with a merged
+    adapter (the adapter's own effect is far larger than the difference)."""
+    from peft import LoraConfig, get_peft_model
+
+    from kubetune.modeling import load_model
+    from kubetune.plain_weights import plain_copy
+
+    model = load_model(quantized_model_dir)
+    torch.manual_seed(0)
+    tuned = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
+    plain, merged = plain_copy(tuned, merge_adapter=False), plain_copy(tuned, merge_adapter=True)
+    assert next(plain.parameters()).is_cuda
+    ids = torch.tensor([[5 + (7 * j) % 200 for j in range(40)] for _ in range(3)], device="cuda")
+    with torch.no_grad():
+        with tuned.disable_adapter():
+            base = tuned(ids).logits.float()
+        with_adapter = tuned(ids).logits.float()
+        assert (plain(ids).logits.float() - base).abs().max() < 0.02 * base.abs().max()
+        effect = (with_adapter - base).abs().max()
+        assert (merged(ids).logits.float() - with_adapter).abs().max() < 0.05 * effect
