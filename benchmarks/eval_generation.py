@@ -7,11 +7,11 @@ times greedy generation of the same random-token prompts:
 
 - ``loop``: the loop a notebook writes, ``model.generate`` on one prompt at a time;
 - ``4bit``: :func:`kubetune.generation.generate_ids` on the 4-bit model (length-sorted, left-padded batches);
-- ``plain``: the same on :func:`kubetune.plain_weights.plain_copy` (weights dequantized once), which the
-  evaluation step uses when memory allows; ``plain_static`` adds a static KV cache (transformers then compiles
-  the decoding step, CUDA graphs), after a warm-up run that pays the compile;
-- ``4bit_tuned`` / ``plain_merged_tuned``: a random LoRA adapter on every linear layer, unmerged on the 4-bit
-  model vs merged into the plain copy (the tuned pass).
+- ``plain``: transformers' ``generate`` on :func:`kubetune.plain_weights.plain_copy` (weights dequantized once);
+- ``plain_graph``: :func:`kubetune.decoding.decode` on the plain copy (static KV cache, the decode step replayed
+  as a CUDA graph), what the evaluation step uses on a GPU when memory allows;
+- ``4bit_tuned`` / ``plain_graph_tuned``: a random LoRA adapter on every linear layer, on the 4-bit model vs
+  attached to the plain copy and decoded as ``plain_graph`` (the tuned pass).
 
 Both use greedy decoding and ``min_new_tokens = max_new_tokens`` (random weights emit EOS at random), so every
 answer has the same length in both runs. The loop is slow, so it is timed on the first ``--loop-prompts``
@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=0, help="generate_answers batch size (0 = its auto)")
     parser.add_argument("--loop-prompts", type=int, default=8, help="prompts timed in the one-at-a-time loop")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-compile", action="store_true", help="leave out the static-cache (compiled) path")
     parser.add_argument("--record", action="store_true", help="append the result to benchmarks/results.jsonl")
     parser.add_argument("--workdir", default="", help="where the random model is written (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -182,18 +181,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         reference = timed("4bit", model)
         started = time.perf_counter()
-        plain = plain_copy(model, merge_adapter=False)
+        plain = plain_copy(model, adapter=False)
         rows["plain_copy_seconds"] = round(time.perf_counter() - started, 2)
-        timed("plain", plain, reference)
-        if torch.cuda.is_available() and not args.skip_compile:
-            started = time.perf_counter()
-            timed("plain_static_warmup", plain, reference, static_cache=True)  # compiles (CUDA graphs)
-            rows["compile_seconds"] = round(time.perf_counter() - started, 2)
-            timed("plain_static", plain, reference, static_cache=True)
+        plain_eager = timed("plain", plain, reference, engine="generate")
+        timed("plain_graph", plain, plain_eager, engine="static")  # the default on a GPU
         del plain
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
-        # The tuned pass: a LoRA adapter with non-zero weights on every linear layer, merged into the plain copy.
+        # The tuned pass: a LoRA adapter with non-zero weights on every linear layer.
         from peft import LoraConfig, get_peft_model
 
         torch.manual_seed(args.seed)
@@ -203,17 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
             if "lora_B" in name:  # a trained adapter's size: its output a small share of the base layer's
                 parameter.data.mul_(0.05)
         tuned_reference = timed("4bit_tuned", tuned)
-        merged = plain_copy(tuned, merge_adapter=True)
-        timed("plain_merged_tuned", merged, tuned_reference)
+        plain_tuned = plain_copy(tuned, adapter=True)
+        timed("plain_graph_tuned", plain_tuned, tuned_reference, engine="static")
         # Random weights give near-uniform next-token scores, so greedy paths part at the first near-tie: the
         # numbers are compared on the same token sequences instead (the 4-bit model's answers, teacher-forced).
         check = [prompts[i] + reference[i] for i in range(min(8, len(prompts)))]
-        plain = plain_copy(tuned, merge_adapter=False)
+        plain = plain_copy(tuned, adapter=False)
         with tuned.disable_adapter():
             rows["plain"]["logits_vs_4bit"] = logits_agreement(plain, tuned, check)
-        rows["plain_merged_tuned"]["logits_vs_4bit"] = logits_agreement(merged, tuned, check)
+        rows["plain_graph_tuned"]["logits_vs_4bit"] = logits_agreement(plain_tuned, tuned, check)
 
-    best = max(("plain", "plain_static"), key=lambda k: rows.get(k, {}).get("tokens_per_s", 0))
+    best = "plain_graph"
     import transformers
 
     result = {

@@ -51,8 +51,8 @@ def evaluate_model(
         temperature: Sampling temperature of the answers; 0 = greedy (reproducible comparisons).
         top_p: Nucleus sampling share when temperature > 0.
         repetition_penalty: Penalty on repeated tokens (1 = none).
-        fast_generation: Generate on the 4-bit base dequantized once (same numbers) with the adapter merged, when
-            memory allows.
+        fast_generation: Generate on the 4-bit base dequantized once (same weights), adapter attached, when memory
+            allows.
         mlflow_tracking_uri: MLflow tracking URI; empty = MLFLOW_TRACKING_URI of the pod, else a local sqlite
             store.
         mlflow_experiment: MLflow experiment name.

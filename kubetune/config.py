@@ -285,7 +285,7 @@ class EvalConfig:
     repetition_penalty: float = _help("Penalty on repeated tokens (1 = none).", 1.0)
     seed: int = _help("Seed for sampling, the train/eval split and training.", 42)
     fast_generation: bool = _help(
-        "Generate on the 4-bit base dequantized once (same numbers) with the adapter merged, when memory allows.",
+        "Generate on the 4-bit base dequantized once (same weights), adapter attached, when memory allows.",
         True)
 
     def validate(self) -> None:

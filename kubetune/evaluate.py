@@ -210,8 +210,8 @@ def _generate(model, tokenizer, prompts, config: EvalConfig, *, tuned: bool,
     plain = None
     if config.fast_generation:
         fits, why = fits_in_memory(model)
-        plain = plain_copy(model, merge_adapter=tuned) if fits else None
-        how.append("dequantized weights, adapter merged" if plain is not None else f"4-bit weights ({why or 'layout'})")
+        plain = plain_copy(model, adapter=tuned) if fits else None
+        how.append("4-bit weights dequantized once" if plain is not None else f"4-bit weights ({why or 'layout'})")
     target = plain if plain is not None else model
     try:
         with model.disable_adapter() if plain is None and not tuned else nullcontext():

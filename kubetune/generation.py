@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kubetune.decoding import decode
 from kubetune.errors import KubetuneError
+
+log = logging.getLogger(__name__)
 
 GPU_GENERATION_BATCH = 64
 CPU_GENERATION_BATCH = 16
@@ -16,6 +20,10 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def has_4bit_weights(model) -> bool:
+    return any(hasattr(parameter, "quant_state") for parameter in model.parameters())
 
 
 def model_device(model):
@@ -97,18 +105,19 @@ def generate_answers(
     *,
     min_new_tokens: int = 0,
     sampling: Sampling = GREEDY,
-    static_cache: bool = False,
+    engine: str = "auto",
 ) -> tuple[list[str], GenerationStats]:
     """Answers for ``prompts`` (text or token ids), in their order, generated in left-padded batches.
 
     Prompts are sorted by length before batching so a batch holds similar lengths (little padding); each batch
     is one ``generate`` call with the KV cache. Only new tokens are decoded, up to the first EOS, without special
     tokens. ``min_new_tokens`` exists for benchmarks, where random weights must produce equal lengths.
-    ``static_cache`` preallocates the KV cache, which lets transformers compile the decoding step (CUDA graphs):
-    worth it only when many tokens are generated, since compiling takes a while.
+    ``engine``: ``static`` decodes with :func:`kubetune.decoding.decode` (static KV cache, the step replayed as a
+    CUDA graph on a GPU), ``generate`` with transformers' ``generate``; ``auto`` takes ``static`` for a model with
+    plain weights on a GPU, ``generate`` otherwise.
     """
     outputs, stats = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                  min_new_tokens=min_new_tokens, sampling=sampling, static_cache=static_cache)
+                                  min_new_tokens=min_new_tokens, sampling=sampling, engine=engine)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs], stats
 
 
@@ -121,7 +130,7 @@ def generate_ids(
     *,
     min_new_tokens: int = 0,
     sampling: Sampling = GREEDY,
-    static_cache: bool = False,
+    engine: str = "auto",
 ) -> tuple[list[tuple[list[int], bool]], GenerationStats]:
     """:func:`generate_answers` as token ids: per prompt (new tokens before the EOS, whether an EOS ended it)."""
     import torch
@@ -141,10 +150,10 @@ def generate_ids(
         use_cache=True,
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
-        cache_implementation="static" if static_cache else None,
         **sampling.generation_kwargs(),
     )
     device = model_device(model)
+    static = engine == "static" or (engine == "auto" and device.type == "cuda" and not has_4bit_weights(model))
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[tuple[list[int], bool]] = [([], False)] * len(encoded)
     generated = batches = 0
@@ -164,12 +173,22 @@ def generate_ids(
                 n = len(encoded[index])
                 ids[row, width - n :] = torch.tensor(encoded[index], dtype=torch.long)
                 attention[row, width - n :] = 1
-            output = model.generate(
-                input_ids=ids.to(device), attention_mask=attention.to(device), generation_config=generation_config
-            )
+            ids, attention = ids.to(device), attention.to(device)
+            new_tokens = None
+            if static:
+                try:
+                    new_tokens = decode(model, ids, attention, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                                        sampling=sampling, min_new_tokens=min_new_tokens)
+                except Exception as exc:  # noqa: BLE001 - an architecture the static loop does not fit: generate
+                    log.warning("static-cache decoding failed (%s: %s); using transformers' generate",
+                                type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+                    static = False
+            if new_tokens is None:
+                new_tokens = model.generate(input_ids=ids, attention_mask=attention,
+                                            generation_config=generation_config)[:, width:]
             batches += 1
             for row, index in enumerate(batch):
-                new = output[row, width:].tolist()
+                new = new_tokens[row].tolist()
                 stop = next((k for k, t in enumerate(new) if t in eos_ids), None)
                 generated += len(new) if stop is None else stop + 1  # the EOS was generated too
                 outputs[index] = (new, False) if stop is None else (new[:stop], True)
@@ -218,7 +237,7 @@ def generate_reasoned_answers(
     max_new_tokens: int,
     batch_size: int = 0,
     sampling: Sampling = GREEDY,
-    static_cache: bool = False,
+    engine: str = "auto",
 ) -> tuple[list[str], list[bool], GenerationStats]:
     """Answers of a reasoning model, each with a final answer: up to ``thinking_budget`` tokens first; an answer
     that has not ended by then continues for ``max_new_tokens`` more, after ``</think>`` is written for it when it
@@ -226,7 +245,7 @@ def generate_reasoned_answers(
     stats of both rounds together."""
     encoded = [encode_prompt(tokenizer, p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
     first, stats = generate_ids(model, tokenizer, encoded, thinking_budget, batch_size, sampling=sampling,
-                                static_cache=static_cache)
+                                engine=engine)
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in first]
     forced = [not ended and THINK_CLOSE not in text for (_, ended), text in zip(first, texts, strict=True)]
     going_on = [i for i, (_, ended) in enumerate(first) if not ended]
@@ -235,7 +254,7 @@ def generate_reasoned_answers(
     close_ids = tokenizer(FORCED_CLOSE, add_special_tokens=False)["input_ids"]
     continued = [encoded[i] + first[i][0] + (close_ids if forced[i] else []) for i in going_on]
     second, more = generate_ids(model, tokenizer, continued, max_new_tokens, batch_size, sampling=sampling,
-                                static_cache=static_cache)
+                                engine=engine)
     for k, (i, (ids, _)) in enumerate(zip(going_on, second, strict=True)):  # decoded whole: a character may span
         texts[i] = tokenizer.decode(continued[k][len(encoded[i]):] + ids, skip_special_tokens=True)  # both rounds
     return texts, forced, GenerationStats(stats.prompts, stats.batches + more.batches,

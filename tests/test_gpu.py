@@ -126,8 +126,8 @@ def test_lora_epilogue_kernel_matches_addmm(tokens, width, rank):
 
 def test_plain_copy_computes_what_the_4bit_model_computes(quantized_model_dir):
     """bitsandbytes multiplies by its 4-bit weight in a fused kernel whose sums run in another order than a plain
-    matmul's: the plain copy's logits equal the 4-bit model's within bf16 rounding, base and with a merged
-    adapter (the adapter's own effect is far larger than the difference)."""
+    matmul's: the plain copy's logits equal the 4-bit model's within bf16 rounding, base and with the adapter
+    attached (the adapter's own effect is far larger than the difference)."""
     from peft import LoraConfig, get_peft_model
 
     from kubetune.modeling import load_model
@@ -136,7 +136,7 @@ def test_plain_copy_computes_what_the_4bit_model_computes(quantized_model_dir):
     model = load_model(quantized_model_dir)
     torch.manual_seed(0)
     tuned = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).eval()
-    plain, merged = plain_copy(tuned, merge_adapter=False), plain_copy(tuned, merge_adapter=True)
+    plain, merged = plain_copy(tuned, adapter=False), plain_copy(tuned, adapter=True)
     assert next(plain.parameters()).is_cuda
     ids = torch.tensor([[5 + (7 * j) % 200 for j in range(40)] for _ in range(3)], device="cuda")
     with torch.no_grad():
@@ -146,3 +146,16 @@ def test_plain_copy_computes_what_the_4bit_model_computes(quantized_model_dir):
         assert (plain(ids).logits.float() - base).abs().max() < 0.02 * base.abs().max()
         effect = (with_adapter - base).abs().max()
         assert (merged(ids).logits.float() - with_adapter).abs().max() < 0.05 * effect
+
+
+def test_graph_decoding_chooses_what_generate_chooses(tiny_model_dir):
+    """The static-cache loop with its step replayed as a CUDA graph (the default for plain weights on a GPU) picks
+    the tokens transformers' generate picks, in float32 where both round alike."""
+    from kubetune.generation import generate_ids
+    from kubetune.modeling import load_model, load_tokenizer
+
+    model = load_model(tiny_model_dir, compute_dtype="float32").eval()
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompts = [[5 + (7 * i + j) % 200 for j in range(3 + 9 * i)] for i in range(8)]
+    graph, _ = generate_ids(model, tokenizer, prompts, 40, engine="auto")
+    assert graph == generate_ids(model, tokenizer, prompts, 40, engine="generate")[0]
