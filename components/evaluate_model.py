@@ -14,9 +14,11 @@ def evaluate_model(
     report: Output[HTML],
     mlflow_store: Output[Artifact],
     training_mlflow_store: Input[Artifact] = None,
+    train_data: Input[Dataset] = None,
     probe_questions: list = ["久咳不愈怎么治疗？", "How should a persistent cough be treated in Traditional Chinese Medicine?"],
     max_new_tokens: int = 256,
     max_generation_samples: int = 32,
+    train_probe_samples: int = 0,
     reasoning: str = "auto",
     thinking_budget: int = 1024,
     temperature: float = 0.0,
@@ -40,9 +42,12 @@ def evaluate_model(
         eval_data: Held-out rows from prepare_dataset.
         training_mlflow_store: train_lora's mlflow_store: where evaluation carries on when training had no
             tracking server.
+        train_data: The prepared training set from prepare_dataset (read only for train_probe_samples).
         probe_questions: Questions asked of both models besides the held-out prompts (the side-by-side check).
         max_new_tokens: Cap on generated tokens per answer (after the thinking, for reasoning models).
         max_generation_samples: Held-out prompts to generate answers for (0 = all).
+        train_probe_samples: Training rows also answered by both models, beside their reference answers: where
+            fine-tuning shows first (the tuned answers move toward what was trained).
         reasoning: Whether the model thinks in <think>…</think> before answering (DeepSeek-R1 distills, QwQ,
             Qwen3): auto detects it from the chat template; then the trace is kept apart and only the final answer
             is scored.
@@ -78,13 +83,15 @@ def evaluate_model(
         result = steps.evaluate(
             model.path, adapter.path, eval_data.path, report.path,
             EvalConfig(probe_questions=[str(q) for q in probe_questions], max_new_tokens=max_new_tokens,
-                       max_generation_samples=max_generation_samples, reasoning=reasoning,
+                       max_generation_samples=max_generation_samples, train_probe_samples=train_probe_samples,
+                       reasoning=reasoning,
                        thinking_budget=thinking_budget, temperature=temperature, top_p=top_p,
                        repetition_penalty=repetition_penalty, fast_generation=fast_generation),
             tracking=Tracking(mlflow_tracking_uri, mlflow_experiment, "", kfp_run_id, kfp_run_name,
                               required=mlflow_required, store_dir=mlflow_store.path).for_evaluation(
                 adapter.metadata, training_mlflow_store.path if training_mlflow_store else ""),
             data_metadata=dict(eval_data.metadata),
+            train_path=train_data.path if train_data else "",
             trust_remote_code=trust_remote_code,
         )
     for name, value in steps.numbers(result).items():

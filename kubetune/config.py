@@ -272,6 +272,9 @@ class EvalConfig:
     max_new_tokens: int = _help("Cap on generated tokens per answer (after the thinking, for reasoning models).", 256)
     generation_batch_size: int = _help("Prompts generated together (0 = auto).", 0)
     max_generation_samples: int = _help("Held-out prompts to generate answers for (0 = all).", 32)
+    train_probe_samples: int = _help(
+        "Training rows also answered by both models, beside their reference answers: where fine-tuning shows first "
+        "(the tuned answers move toward what was trained).", 0)
     eval_batch_tokens: int = _help("Tokens per batch for loss/perplexity (0 = auto).", 0)
     reasoning: Literal["auto", "on", "off"] = _help(
         "Whether the model thinks in <think>…</think> before answering (DeepSeek-R1 distills, QwQ, Qwen3): auto "
@@ -298,6 +301,8 @@ class EvalConfig:
             problems.append((f"max_new_tokens={self.max_new_tokens} must be positive", "use e.g. 256"))
         if self.generation_batch_size < 0:
             problems.append((f"generation_batch_size={self.generation_batch_size} is negative", "use 0 for auto"))
+        if self.train_probe_samples < 0:
+            problems.append((f"train_probe_samples={self.train_probe_samples} is negative", "use 0 for none"))
         if self.max_generation_samples < 0:
             problems.append((f"max_generation_samples={self.max_generation_samples} is negative", "use 0 for all"))
         if self.eval_batch_tokens < 0:

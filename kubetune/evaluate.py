@@ -76,16 +76,16 @@ def check_adapter_dir(adapter_dir: str) -> None:
 def load_eval_rows(eval_path: str):
     """The prepared held-out set (a datasets.Dataset), checked for the columns evaluation needs."""
     if not Path(eval_path).exists():
-        raise KubetuneError(f"eval dataset {eval_path} does not exist", "pass the eval parquet the prepare step wrote")
+        raise KubetuneError(f"prepared dataset {eval_path} does not exist", "pass a parquet the prepare step wrote")
     dataset = load_prepared(eval_path)
     missing = [c for c in EVAL_COLUMNS if c not in dataset.column_names]
     if missing:
         raise KubetuneError(
-            f"eval dataset {eval_path} lacks columns {', '.join(missing)} (has {', '.join(dataset.column_names)})",
-            "pass the eval split written by the prepare step (prompt, completion, input_ids, completion_mask)",
+            f"prepared dataset {eval_path} lacks columns {', '.join(missing)} (has {', '.join(dataset.column_names)})",
+            "pass a split written by the prepare step (prompt, completion, input_ids, completion_mask)",
         )
     if len(dataset) == 0:
-        raise KubetuneError(f"eval dataset {eval_path} has no rows", "raise eval_fraction or use a larger dataset")
+        raise KubetuneError(f"prepared dataset {eval_path} has no rows", "raise eval_fraction or use a larger dataset")
     return dataset
 
 
@@ -190,6 +190,16 @@ def _perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
+def _training_rows(train_path: str, count: int) -> list[tuple[str, list[int], str, str]]:
+    """``count`` rows of the prepared training set, spread over it: (prompt, prompt ids, reference, "training")."""
+    if not train_path or count <= 0:
+        return []
+    data = load_eval_rows(train_path)
+    picked = sorted({round(k * (len(data) - 1) / max(count - 1, 1)) for k in range(min(count, len(data)))})
+    return [(data[i]["prompt"], prompt_token_ids(data[i]["input_ids"], data[i]["completion_mask"]),
+             data[i]["completion"], "training") for i in picked]
+
+
 def generation_settings(config: EvalConfig, *, reasoning: bool) -> dict[str, Any]:
     """The generation settings a served tuned model should use to answer as it did here (MLflow model metadata):
     a reasoning model's token cap covers its thinking too."""
@@ -240,12 +250,15 @@ def evaluate_adapter(
     config: EvalConfig,
     *,
     probe_prompts: Sequence[tuple[str, str]] = (),
+    train_path: str = "",
     trust_remote_code: bool = False,
     title: str = "kubetune evaluation",
 ) -> EvalResult:
     """Compare the base model with base + LoRA adapter on the held-out set and on probe questions.
 
-    ``probe_prompts`` are (question as the user wrote it, templated prompt) pairs. Writes a self-contained
+    ``probe_prompts`` are (question as the user wrote it, templated prompt) pairs; with ``train_path`` (the
+    prepared training set), ``config.train_probe_samples`` of its rows are answered too, beside their references.
+    Writes a self-contained
     HTML report to ``report_path`` (atomically) and returns metrics prefixed ``base_`` / ``tuned_``.
     """
     import torch
@@ -271,8 +284,11 @@ def evaluate_adapter(
     batch_tokens = config.eval_batch_tokens or (GPU_EVAL_BATCH_TOKENS if cuda_available() else CPU_EVAL_BATCH_TOKENS)
     limit = config.max_generation_samples or len(dataset)
     generated_rows = list(range(min(limit, len(dataset))))
-    prompts: list[str | list[int]] = [prompt_token_ids(input_ids[i], masks[i]) for i in generated_rows]
-    prompts += [templated for _, templated in probe_prompts]
+    trained = _training_rows(train_path, config.train_probe_samples)
+    # answered in one pass, in this order: held-out rows, training rows, probe questions
+    scored = [(dataset[i]["prompt"], prompt_token_ids(input_ids[i], masks[i]), dataset[i]["completion"], "held-out")
+              for i in generated_rows] + trained
+    prompts: list[str | list[int]] = [ids for _, ids, _, _ in scored] + [templated for _, templated in probe_prompts]
     references = [dataset[i]["completion"] for i in generated_rows]
 
     pad_id = tokenizer.pad_token_id
@@ -303,6 +319,7 @@ def evaluate_adapter(
     metrics["eval_completion_tokens"] = float(count)
     metrics["generation_rows"] = float(len(generated_rows))
     metrics["probe_rows"] = float(len(probe_prompts))
+    metrics["train_probe_rows"] = float(len(trained))
     metrics["generation_tokens_per_second"] = tokens / seconds if seconds > 0 else 0.0
     metrics["loss_reduction"] = metrics["base_eval_loss"] - metrics["tuned_eval_loss"]
     metrics["chrf_gain"] = metrics["tuned_chrf"] - metrics["base_chrf"]
@@ -312,22 +329,27 @@ def evaluate_adapter(
     # The decision, as a number the Kubeflow run page shows: 1 when fine-tuning lowered the held-out loss.
     metrics["tuned_beats_base"] = float(metrics["tuned_eval_loss"] < metrics["base_eval_loss"])
 
+    if trained:
+        first = len(generated_rows)
+        for name in ("base", "tuned"):
+            metrics[f"train_probe_{name}_chrf"] = chrf_score(answers[name][first : first + len(trained)],
+                                                             [reference for _, _, reference, _ in trained])
     rows: list[dict[str, str]] = []
-    for k, i in enumerate(generated_rows):
+    for k, (prompt, _, reference, kind) in enumerate(scored):
         rows.append(
             {
-                "kind": "held-out",
-                "prompt": dataset[i]["prompt"],
-                "reference": references[k],
+                "kind": kind,
+                "prompt": prompt,
+                "reference": reference,
                 "base_answer": answers["base"][k],
                 "tuned_answer": answers["tuned"][k],
                 # per answer: where the tuned model moved toward the reference, and where it did not
-                "base_chrf": f"{chrf_score([answers['base'][k]], [references[k]]):.1f}",
-                "tuned_chrf": f"{chrf_score([answers['tuned'][k]], [references[k]]):.1f}",
+                "base_chrf": f"{chrf_score([answers['base'][k]], [reference]):.1f}",
+                "tuned_chrf": f"{chrf_score([answers['tuned'][k]], [reference]):.1f}",
                 **_traces(traces, k),
             }
         )
-    for k, (question, _) in enumerate(probe_prompts, start=len(generated_rows)):
+    for k, (question, _) in enumerate(probe_prompts, start=len(scored)):
         rows.append(
             {
                 "kind": "probe",

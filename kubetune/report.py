@@ -38,9 +38,11 @@ td.num {{ text-align: right; }}
 .row {{ border: 1px solid #d5d9e0; border-radius: 6px; margin: 14px 0; padding: 10px 14px; }}
 .row.probe {{ border-left: 6px solid #6b4fbb; background: #faf8ff; }}
 .row.held-out {{ border-left: 6px solid #2f6feb; }}
+.row.training {{ border-left: 6px solid #1a7f37; }}
 .badge {{ display: inline-block; font-size: 0.8em; padding: 1px 8px; border-radius: 10px; color: #fff; }}
 .probe .badge {{ background: #6b4fbb; }}
 .held-out .badge {{ background: #2f6feb; }}
+.training .badge {{ background: #1a7f37; }}
 .label {{ font-size: 0.85em; font-weight: 600; color: #555; margin: 8px 0 2px; }}
 .text {{ white-space: pre-wrap; word-break: break-word; margin: 0; font-family: inherit; }}
 .answers {{ display: grid; grid-template-columns: 1fr 1fr; gap: 12px; }}
@@ -120,8 +122,8 @@ def _trace(row: dict[str, str], model: str) -> str:
 
 def _row(index: int, row: dict[str, str]) -> str:
     kind = row.get("kind", "held-out")
-    css_kind = "probe" if kind == "probe" else "held-out"
-    badge = "Probe question" if kind == "probe" else "Held-out example"
+    css_kind = kind if kind in ("probe", "training") else "held-out"
+    badge = {"probe": "Probe question", "training": "Training example"}.get(kind, "Held-out example")
     prompt = _esc(row.get("prompt", ""))
     if kind == "probe":
         question = f'<div class="label">Question</div><pre class="text prompt">{prompt}</pre>'
@@ -166,11 +168,14 @@ def render_report(title: str, metrics: dict[str, float], rows: list[dict[str, st
     question side by side (with each answer's chrF where there is a reference)."""
     note_html = "\n".join(f'<p class="note" id="note-{i}">{_esc(note)}</p>' for i, note in enumerate(notes))
     meta_rows = "\n".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in meta.items())
-    probes = [r for r in rows if r.get("kind") == "probe"]
-    held_out = [r for r in rows if r.get("kind") != "probe"]
-    # Probes first: they are the questions the user chose to ask both models.
-    ordered = probes + held_out
+    # Probes first (the questions the user chose to ask both models), then training rows (where fine-tuning shows
+    # first), then held-out rows.
+    rank = {"probe": 0, "training": 1}
+    ordered = sorted(rows, key=lambda r: rank.get(r.get("kind", ""), 2))
     sections = "\n".join(_row(i, r) for i, r in enumerate(ordered))
+    kinds = [r.get("kind", "held-out") for r in rows]
+    counts = ", ".join(f"{kinds.count(kind)} {kind}" for kind in ("probe", "training", "held-out")
+                       if kind != "training" or kind in kinds)
     return f"""<!DOCTYPE html>
 <html lang="zh-CN">
 <head>
@@ -188,7 +193,7 @@ def render_report(title: str, metrics: dict[str, float], rows: list[dict[str, st
 <h2>Metrics</h2>
 {_verdict(metrics)}
 {_metrics_table(metrics)}
-<h2>Answers side by side ({len(probes)} probe, {len(held_out)} held-out)</h2>
+<h2>Answers side by side ({counts})</h2>
 <div id="rows">
 {sections}
 </div>

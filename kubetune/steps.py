@@ -275,7 +275,7 @@ def train_here(job: TrainJob) -> dict[str, Any]:
 
 
 def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str, config: EvalConfig, *,
-             tracking: Tracking, data_metadata: dict[str, Any] | None = None,
+             tracking: Tracking, data_metadata: dict[str, Any] | None = None, train_path: str = "",
              trust_remote_code: bool = False) -> dict[str, Any]:
     """Base vs tuned evaluation with the HTML report, logged to the same MLflow run as training: eval metrics,
     the answers table, the report, plots (loss curve, base vs tuned metrics) under ``plots/``, and the adapter as
@@ -296,7 +296,7 @@ def evaluate(model_dir: str, adapter_dir: str, eval_path: str, report_path: str,
         tracker.set_tags({RUNNING_STEP_TAG: "evaluate_model"})
     try:
         result = evaluate_adapter(
-            model_dir, adapter_dir, eval_path, report_path, config, probe_prompts=probes,
+            model_dir, adapter_dir, eval_path, report_path, config, probe_prompts=probes, train_path=train_path,
             trust_remote_code=trust_remote_code,
         )
     except BaseException:  # the run ends FAILED rather than staying "running" for ever

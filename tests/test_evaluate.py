@@ -328,3 +328,19 @@ def test_reasoning_traces_are_kept_apart_from_the_final_answer():
     page = render_report("t", {}, rows, {})
     assert page.count('<details class="trace">') == 2 and "no final answer within max_new_tokens" in page
     assert "想&lt;b&gt;" in page and "Reasoning (2 characters)" in page
+
+
+def test_training_rows_are_answered_beside_their_references(tiny_model, adapter, eval_parquet, tmp_path):
+    from datasets import Dataset
+
+    config = EvalConfig(max_generation_samples=1, train_probe_samples=3, max_new_tokens=4, probe_questions=[])
+    result = evaluate_adapter(tiny_model, adapter, eval_parquet, str(tmp_path / "report.html"), config,
+                              train_path=eval_parquet)  # any prepared split serves as "the training set"
+    training = [row for row in result.rows if row["kind"] == "training"]
+    data = Dataset.from_parquet(eval_parquet)
+    spread = [0, round((len(data) - 1) / 2), len(data) - 1]  # first, middle, last
+    assert [row["reference"] for row in training] == [data[i]["completion"] for i in spread]
+    assert all(row["base_chrf"] and row["tuned_chrf"] for row in training)
+    assert result.metrics["train_probe_rows"] == 3 and "train_probe_tuned_chrf" in result.metrics
+    page = Path(result.report_path).read_text(encoding="utf-8")
+    assert page.count('data-kind="training"') == 3 and "1 held-out" in page and "3 training" in page

@@ -79,3 +79,21 @@ def test_adapter_loads_onto_the_base_model(local_run):
     base = load_model(summary["base_model"])
     tuned = PeftModel.from_pretrained(base, summary["adapter"])
     assert any("lora_A" in name for name, _ in tuned.named_parameters())
+
+
+def test_demo_report_shows_training_rows_where_tuning_moved_the_answer(local_run, tmp_path):
+    """The newcomer's report, as a browser renders it: the note on the tiny random model, and training rows whose
+    tuned answer is closer to the reference than the base answer (chrF per answer)."""
+    import re
+
+    from test_report_browser import Tree, chromium
+
+    _, summary, _ = local_run
+    tree = Tree()
+    tree.feed(chromium(tmp_path, "--dump-dom", Path(summary["report"]).as_uri()))
+    assert "random weights" in tree.by_id("note-0")
+    training = [e for e in tree.elements if e.get("data-kind") == "training"]
+    assert len(training) == 4  # the local run's train_probe_samples
+    scores = [[float(x) for x in re.findall(r"chrF ([0-9.]+)", e["text"])] for e in training]
+    assert all(len(pair) == 2 for pair in scores), scores
+    assert any(tuned > base for base, tuned in scores), scores

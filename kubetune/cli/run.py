@@ -38,6 +38,7 @@ LOCAL_DEFAULTS: dict[str, Any] = {
     "save_steps": 20,
     "max_new_tokens": 32,
     "max_generation_samples": 8,
+    "train_probe_samples": 4,
     "max_eval_samples": 40,
 }
 

@@ -170,6 +170,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
                           store_dir=args.mlflow_store or beside(args.report, MLFLOW_STORE_SUFFIX)).for_evaluation(
             adapter_metadata, args.training_mlflow_store or beside(args.adapter, MLFLOW_STORE_SUFFIX)),
         data_metadata=data_metadata,
+        train_path=args.train_data or "",
         trust_remote_code=args.trust_remote_code,
     )
     write_json(metrics_path, steps.numbers(result))
@@ -282,6 +283,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _path(ev, "report", "output: the HTML report")
     _tracked_outputs(ev, "report")
     _path(ev, "training_mlflow_store", "input: train's mlflow_store (default: <adapter>.mlflow)", required=False)
+    _path(ev, "train_data", "input: the prepared training set, for train_probe_samples (from prep)", required=False)
     add_setting_flags(ev, ("trust_remote_code",))
     add_config_flags(ev, EvalConfig)
     _run_flags(ev)
