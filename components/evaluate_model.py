@@ -19,6 +19,7 @@ def evaluate_model(
     max_new_tokens: int = 256,
     max_generation_samples: int = 32,
     train_probe_samples: int = 0,
+    capability_check: str = "",
     reasoning: str = "auto",
     thinking_budget: int = 1024,
     temperature: float = 0.0,
@@ -48,6 +49,9 @@ def evaluate_model(
         max_generation_samples: Held-out prompts to generate answers for (0 = all).
         train_probe_samples: Training rows also answered by both models, beside their reference answers: where
             fine-tuning shows first (the tuned answers move toward what was trained).
+        capability_check: Multiple-choice questions on general knowledge, answered by base and tuned model to catch
+            what fine-tuning made it forget: a JSONL file (question, choices, answer), 'builtin' for the shipped
+            set, or empty for none.
         reasoning: Whether the model thinks in <think>…</think> before answering (DeepSeek-R1 distills, QwQ,
             Qwen3): auto detects it from the chat template; then the trace is kept apart and only the final answer
             is scored.
@@ -84,6 +88,7 @@ def evaluate_model(
             model.path, adapter.path, eval_data.path, report.path,
             EvalConfig(probe_questions=[str(q) for q in probe_questions], max_new_tokens=max_new_tokens,
                        max_generation_samples=max_generation_samples, train_probe_samples=train_probe_samples,
+                       capability_check=capability_check,
                        reasoning=reasoning,
                        thinking_budget=thinking_budget, temperature=temperature, top_p=top_p,
                        repetition_penalty=repetition_penalty, fast_generation=fast_generation),

@@ -276,6 +276,10 @@ class EvalConfig:
         "Training rows also answered by both models, beside their reference answers: where fine-tuning shows first "
         "(the tuned answers move toward what was trained).", 0)
     eval_batch_tokens: int = _help("Tokens per batch for loss/perplexity (0 = auto).", 0)
+    capability_check: str = _help(
+        "Multiple-choice questions on general knowledge, answered by base and tuned model to catch what fine-tuning "
+        "made it forget: a JSONL file (question, choices, answer), 'builtin' for the shipped set, or empty for none.",
+        "")
     reasoning: Literal["auto", "on", "off"] = _help(
         "Whether the model thinks in <think>…</think> before answering (DeepSeek-R1 distills, QwQ, Qwen3): auto "
         "detects it from the chat template; then the trace is kept apart and only the final answer is scored.",

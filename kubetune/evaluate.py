@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kubetune import capability
 from kubetune.config import EvalConfig
 from kubetune.data import load_prepared
 from kubetune.errors import KubetuneError
@@ -268,6 +269,7 @@ def evaluate_adapter(
     config.validate()
     check_adapter_dir(adapter_dir)
     dataset = load_eval_rows(eval_path)
+    questions = capability.load_questions(config.capability_check) if config.capability_check else []
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     model = load_model(model_dir, attention="sdpa", trust_remote_code=trust_remote_code)
     try:
@@ -303,6 +305,8 @@ def evaluate_adapter(
         # The same weights serve both: the adapter is bypassed for "base".
         with model.disable_adapter() if name == "base" else nullcontext():
             total, count = completion_loss(model, input_ids, masks, batch_tokens, pad_id)
+            if questions:
+                metrics[f"{name}_capability_accuracy"] = capability.accuracy(model, tokenizer, questions)
         generated, forced, stats, how = _generate(model, tokenizer, prompts, config, tuned=name == "tuned",
                                                   reasoning=reasoning)
         metrics[f"{name}_forced_answers"] = float(sum(forced))
@@ -323,6 +327,9 @@ def evaluate_adapter(
     metrics["generation_tokens_per_second"] = tokens / seconds if seconds > 0 else 0.0
     metrics["loss_reduction"] = metrics["base_eval_loss"] - metrics["tuned_eval_loss"]
     metrics["chrf_gain"] = metrics["tuned_chrf"] - metrics["base_chrf"]
+    if questions:  # negative: the tuned model lost general ability
+        metrics["capability_delta"] = metrics["tuned_capability_accuracy"] - metrics["base_capability_accuracy"]
+        metrics["capability_questions"] = float(len(questions))
     for name in ("base", "tuned"):  # answers still thinking when max_new_tokens ran out: raise it
         metrics[f"{name}_unfinished_reasoning"] = float(sum(
             1 for trace, answer in zip(traces[name], answers[name], strict=True) if trace and not answer))

@@ -29,7 +29,7 @@ PIPELINE_PARAMETERS: tuple[str, ...] = (
     "length_policy", "max_samples", "eval_fraction", "max_eval_samples", "quantization", "double_quant", "lora_r",
     "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "num_epochs",
     "max_steps", "batch_tokens", "gradient_accumulation", "lean", "save_steps", "checkpoint_dir", "seed",
-    "probe_questions", "max_new_tokens", "max_generation_samples", "train_probe_samples", "reasoning", "thinking_budget", "temperature",
+    "probe_questions", "max_new_tokens", "max_generation_samples", "train_probe_samples", "capability_check", "reasoning", "thinking_budget", "temperature",
     "top_p", "repetition_penalty", "mlflow_tracking_uri", "mlflow_experiment",
     "mlflow_required", "trust_remote_code",
 )

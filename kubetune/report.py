@@ -20,6 +20,8 @@ COMPARED = (
     ("Held-out loss (completion tokens)", "base_eval_loss", "tuned_eval_loss", "loss_reduction", True),
     ("Perplexity", "base_perplexity", "tuned_perplexity", "", True),
     ("chrF (vs reference)", "base_chrf", "tuned_chrf", "chrf_gain", False),
+    ("General ability (multiple-choice accuracy)", "base_capability_accuracy", "tuned_capability_accuracy",
+     "capability_delta", False),
 )
 
 CSS = f"""

@@ -77,13 +77,49 @@ def test_steps_run_in_dag_order_through_a_volume(tmp_path):
     evaluation = _summary(_step(
         "evaluate", f"--model={model}", f"--adapter={adapter}", f"--eval_data={data / 'eval_data.parquet'}",
         f"--report={report}", "--max_new_tokens=8", "--max_generation_samples=2",
-        f"--probe_questions={json.dumps(PROBES, ensure_ascii=False)}", "--kfp_run_id=0b7c-uid", cwd=volume,
+        f"--probe_questions={json.dumps(PROBES, ensure_ascii=False)}", "--kfp_run_id=0b7c-uid",
+        "--capability_check=builtin", f"--train_data={data / 'train_data.parquet'}", "--train_probe_samples=2",
+        cwd=volume,
     ))
     assert evaluation["mlflow_run_id"] == train["mlflow_run_id"]
     assert "<html" in report.read_text(encoding="utf-8").lower()
     eval_metrics = json.loads((run / "evaluate-model" / "report.html.metrics.json").read_text(encoding="utf-8"))
     assert any(k.startswith("base_") for k in eval_metrics) and any(k.startswith("tuned_") for k in eval_metrics)
+    assert eval_metrics["capability_questions"] == 24 and eval_metrics["train_probe_rows"] == 2
+    assert 0 <= eval_metrics["base_capability_accuracy"] <= 1 and 'id="metric-capability_accuracy"' in (
+        report.read_text(encoding="utf-8"))
     assert not list(volume.rglob(".*partial*"))  # nothing half-written left behind
+
+    # The same evaluation through the KFP component (kfp.local): the same capability accuracies.
+    component = _component_metrics(tmp_path, model, adapter, data / "eval_data.parquet", capability_check="builtin",
+                                   max_new_tokens=8, max_generation_samples=2, probe_questions=PROBES,
+                                   mlflow_required=False)
+    for key in ("base_capability_accuracy", "tuned_capability_accuracy", "capability_delta", "base_eval_loss"):
+        assert component[key] == pytest.approx(eval_metrics[key], abs=1e-6), key
+
+
+def _component_metrics(tmp_path: Path, model: Path, adapter: Path, eval_data: Path, **params) -> dict:
+    """Run the evaluate_model component under kfp.local on files the CLI steps wrote; its logged metrics."""
+    from kfp import dsl, local
+    from kubetune.components import evaluate_model
+
+    from kubetune.cli.steps import metadata_path
+
+    def imported(path: Path, cls):
+        metadata = json.loads(metadata_path(path).read_text(encoding="utf-8"))
+        return dsl.importer(artifact_uri=str(path), artifact_class=cls, metadata=metadata,
+                            download_to_workspace=True).output
+
+    def evaluate_only():
+        task = evaluate_model(model=imported(model, dsl.Model), adapter=imported(adapter, dsl.Model),
+                              eval_data=imported(eval_data, dsl.Dataset), **params)
+        return task.outputs["metrics"]
+
+    evaluate_only.__annotations__ = {"return": dsl.Metrics}  # a class, not the string this module's annotations are
+    evaluate_only = dsl.pipeline(name="evaluate-only")(evaluate_only)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "kfp-root"),
+               workspace_root=str(tmp_path / "kfp-workspace"), raise_on_error=True)
+    return dict(evaluate_only().output.metadata)
 
 
 def test_missing_inputs_fail_with_one_clear_error(tmp_path):
