@@ -30,13 +30,15 @@ KEY_METRICS = (
     "eval.tuned_perplexity",
     "eval.tuned_chrf",
     "eval.chrf_gain",
+    "eval.capability_delta",
+    "review.tuned_win_rate",
     "sft.train_loss",
     "sft.tokens_per_second",
     "sft.train_runtime_s",
     "sft.gpu_peak_memory_gib",
 )
 # Metrics where higher is better; the default direction for --metric when --mode is not given.
-HIGHER_IS_BETTER = ("chrf", "reduction", "gain", "tokens_per_second", "accuracy")
+HIGHER_IS_BETTER = ("chrf", "reduction", "gain", "tokens_per_second", "accuracy", "win_rate", "capability_delta")
 Mode = Literal["min", "max"]
 
 

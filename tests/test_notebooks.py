@@ -20,6 +20,7 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SUBMIT = NOTEBOOKS / "submit_finetune.ipynb"
 COMPARE = NOTEBOOKS / "compare_experiments.ipynb"
+REVIEW = NOTEBOOKS / "review_answers.ipynb"
 CELL_TIMEOUT_S = int(os.environ.get("KUBETUNE_TEST_NOTEBOOK_CELL_TIMEOUT_S", "1800"))
 # Set to keep the executed notebooks (with outputs) for reading, e.g. as CI artifacts.
 KEEP_DIR = os.environ.get("KUBETUNE_TEST_NOTEBOOK_OUTPUT_DIR", "")
@@ -31,7 +32,7 @@ FOREIGN_ENV = ("KUBETUNE_KFP_HOST", "KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_EN
 
 
 # -- stored form ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("path", [SUBMIT, COMPARE], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [SUBMIT, COMPARE, REVIEW], ids=lambda p: p.name)
 def test_notebook_is_stored_without_outputs(path):
     import nbformat
 
@@ -205,3 +206,28 @@ def test_comparison_notebook_compares_the_runs(compared):
     answers = executed.text("answers")
     assert "kubetune-answers" in answers and "久咳不愈怎么治疗？" in answers and "<iframe sandbox srcdoc=" in answers
     assert "Answer accurately and carefully" not in answers.split("<iframe")[0], "the shared persona is left out"
+
+
+@pytest.mark.slow
+def test_review_notebook_records_blinded_preferences_on_the_run(compared, kernel_dirs):
+    """The review notebook on the first local run: preferences given by pair number (the reviewer's view) are
+    recorded as wins of the model that wrote the chosen answer, and the win rate lands on the run."""
+    from mlflow import MlflowClient
+
+    from kubetune.review import WIN_RATE_METRIC, ReviewSession
+
+    executed, run_ids = compared
+    uri = f"sqlite:///{executed.workdir / 'mlflow.db'}"
+    pairs = ReviewSession(uri, run_ids[0], seed=0).pairs  # what the notebook shows, with the hidden sides
+    preferences = {pairs[0].number: pairs[0].tuned_is, pairs[1].number: ["tie", "both vague"]}
+    if len(pairs) > 2:
+        preferences[pairs[2].number] = "a" if pairs[2].tuned_is == "b" else "b"  # the base answer
+    expected = (1 + 0.5 + 0) / len(preferences)
+    env = _kernel_env(executed.workdir, MLFLOW_TRACKING_URI=uri, KUBETUNE_REVIEW_RUN_ID=run_ids[0],
+                      KUBETUNE_REVIEWER="nb-test", KUBETUNE_REVIEW_PREFERENCES=json.dumps(preferences))
+    notebook = _execute(REVIEW, env, executed.workdir.parent, kernel_dirs, keep_as="review_answers.ipynb")
+    printed = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+    assert f"{len(preferences)} preferences saved" in printed
+    run = MlflowClient(uri).get_run(run_ids[0])
+    assert run.data.metrics[WIN_RATE_METRIC] == pytest.approx(expected)
+    assert run.data.tags["kubetune.reviewed_by"] == "nb-test"

@@ -1,5 +1,7 @@
 """``kubetune compare``: print a comparison of MLflow runs as text, CSV or JSON, write its plots, and optionally put
-a registry alias such as ``champion`` on the best run's adapter version (see :mod:`kubetune.compare`)."""
+a registry alias such as ``champion`` on the best run's adapter version (see :mod:`kubetune.compare`).
+``kubetune review``: judge an evaluation's base and tuned answers blinded, in the terminal (see
+:mod:`kubetune.review`)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import sys
 from pathlib import Path
 
 from kubetune.compare import DEFAULT_METRIC, compare_runs, set_best_alias, write_plots
+from kubetune.review import WIN_RATE_METRIC, ReviewSession
 from kubetune.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
 
@@ -35,6 +38,20 @@ def add_parser(sub) -> None:
                         help="point this registry alias (e.g. champion) at the best run's adapter version")
     parser.set_defaults(func=cmd_compare)
 
+    review = sub.add_parser(
+        "review",
+        help="judge an evaluation's base and tuned answers blinded; preferences and win rate go to its MLflow run",
+        description="Shows each question with two answers, A and B, in shuffled order (which one is the tuned "
+                    "model's is hidden); type a, b or t (tie), optionally followed by a note; s skips, q stops.",
+    )
+    review.add_argument("run_id", help="MLflow run id of the evaluation (summary line, or `kubetune compare`)")
+    review.add_argument("--tracking-uri", default="",
+                        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./kubetune-local/mlflow.db)")
+    review.add_argument("--reviewer", default=os.environ.get("USER", "reviewer") or "reviewer",
+                        help="your name, recorded with the preferences (default: $USER)")
+    review.add_argument("--seed", type=int, default=0, help="seed of the order and of the sides (default 0)")
+    review.set_defaults(func=cmd_review)
+
 
 def cmd_compare(args: argparse.Namespace) -> int:
     uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
@@ -47,6 +64,38 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"alias {args.set_alias!r} -> {name} version {version} (run {comparison.best.run_id})", file=sys.stderr)
     output = {"text": comparison.to_text, "csv": comparison.to_csv, "json": comparison.to_json}[args.format]()
     sys.stdout.write(output if output.endswith("\n") else output + "\n")
+    return 0
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
+    session = ReviewSession(uri, args.run_id, reviewer=args.reviewer, seed=args.seed)
+    for pair in session.pairs:
+        print(f"\n=== {pair.number}/{len(session.pairs)} ===\n{pair.prompt}\n")
+        if pair.reference:
+            print(f"--- reference ---\n{pair.reference}\n")
+        print(f"--- A ---\n{pair.a}\n\n--- B ---\n{pair.b}\n")
+        while True:
+            try:
+                line = input("a / b / t (tie) [note], s skip, q stop: ").strip()
+            except EOFError:
+                line = "q"
+            word, _, note = line.partition(" ")
+            word = {"t": "tie"}.get(word.lower(), word.lower())
+            if word in ("a", "b", "tie"):
+                session.record(pair.number, word, note.strip())
+                break
+            if word in ("s", "q"):
+                break
+        if word == "q":
+            break
+    if not session.choices:
+        print("no preferences recorded", file=sys.stderr)
+        return 1
+    metrics = session.save()
+    print(f"{int(metrics['review.pairs'])} preferences recorded on run {args.run_id}: tuned wins "
+          f"{int(metrics['review.tuned_wins'])}, base wins {int(metrics['review.base_wins'])}, ties "
+          f"{int(metrics['review.ties'])}; {WIN_RATE_METRIC} = {metrics[WIN_RATE_METRIC]:.2f}")
     return 0
 
 
