@@ -45,3 +45,11 @@ def prepare_sample(quantized_model_dir, tmp_path_factory):
         return root
 
     return prepare
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with slow (end-to-end) tests first: pytest-xdist hands whole files to its workers in this order
+    (scripts/test.sh), so the long files start early and the short ones fill the end, instead of one long file
+    starting last while the other worker idles."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: file order kept otherwise
