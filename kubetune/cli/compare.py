@@ -1,7 +1,8 @@
 """``kubetune compare``: print a comparison of MLflow runs as text, CSV or JSON, write its plots, and optionally put
 a registry alias such as ``champion`` on the best run's adapter version (see :mod:`kubetune.compare`).
 ``kubetune review``: judge an evaluation's base and tuned answers blinded, in the terminal (see
-:mod:`kubetune.review`)."""
+:mod:`kubetune.review`). ``kubetune promote``: move the ``champion`` alias to a run's adapter when its evaluation
+passes the promotion rules (see :mod:`kubetune.promotion`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from kubetune.compare import DEFAULT_METRIC, compare_runs, set_best_alias, write_plots
+from kubetune.promotion import PromotionRule, promote_run
 from kubetune.review import WIN_RATE_METRIC, ReviewSession
 from kubetune.tracking import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
@@ -51,6 +53,23 @@ def add_parser(sub) -> None:
                         help="your name, recorded with the preferences (default: $USER)")
     review.add_argument("--seed", type=int, default=0, help="seed of the order and of the sides (default 0)")
     review.set_defaults(func=cmd_review)
+
+    promote = sub.add_parser(
+        "promote",
+        help="point the champion alias at a run's adapter when it beats the base, keeps its general ability and "
+             "beats the current champion",
+        description="Gated promotion of an evaluated adapter; the decision and its reasons are recorded on the run.",
+    )
+    promote.add_argument("run_id", help="MLflow run id of the evaluation")
+    promote.add_argument("--tracking-uri", default="",
+                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else ./kubetune-local/mlflow.db)")
+    promote.add_argument("--metric", default="eval_loss",
+                         help="evaluation metric compared: eval_loss (default), perplexity, chrf, capability_accuracy")
+    promote.add_argument("--margin", type=float, default=0.0, help="how much the tuned model must beat the base by")
+    promote.add_argument("--capability-tolerance", type=float, default=0.02,
+                         help="largest drop of capability accuracy allowed, when the check ran (default 0.02)")
+    promote.add_argument("--alias", default="champion", help="registry alias to move (default champion)")
+    promote.set_defaults(func=cmd_promote)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -97,6 +116,15 @@ def cmd_review(args: argparse.Namespace) -> int:
           f"{int(metrics['review.tuned_wins'])}, base wins {int(metrics['review.base_wins'])}, ties "
           f"{int(metrics['review.ties'])}; {WIN_RATE_METRIC} = {metrics[WIN_RATE_METRIC]:.2f}")
     return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Exit 0 when promoted, 3 when held back (the reasons are printed either way)."""
+    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
+    rule = PromotionRule(args.metric, args.margin, args.capability_tolerance, args.alias)
+    decision, name, version = promote_run(uri, args.run_id, rule)
+    print(f"{name} version {version}: {decision.summary()}")
+    return 0 if decision.promote else 3
 
 
 def _env_uri() -> str:
