@@ -96,28 +96,11 @@ class Sampling:
 GREEDY = Sampling()
 
 
-def generate_answers(
-    model,
-    tokenizer,
-    prompts: Sequence[str | Sequence[int]],
-    max_new_tokens: int,
-    batch_size: int = 0,
-    *,
-    min_new_tokens: int = 0,
-    sampling: Sampling = GREEDY,
-    engine: str = "auto",
-) -> tuple[list[str], GenerationStats]:
-    """Answers for ``prompts`` (text or token ids), in their order, generated in left-padded batches.
-
-    Prompts are sorted by length before batching so a batch holds similar lengths (little padding); each batch
-    is one ``generate`` call with the KV cache. Only new tokens are decoded, up to the first EOS, without special
-    tokens. ``min_new_tokens`` exists for benchmarks, where random weights must produce equal lengths.
-    ``engine``: ``static`` decodes with :func:`kubetune.decoding.decode` (static KV cache, the step replayed as a
-    CUDA graph on a GPU), ``generate`` with transformers' ``generate``; ``auto`` takes ``static`` for a model with
-    plain weights on a GPU, ``generate`` otherwise.
-    """
-    outputs, stats = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size,
-                                  min_new_tokens=min_new_tokens, sampling=sampling, engine=engine)
+def generate_answers(model, tokenizer, prompts: Sequence[str | Sequence[int]], max_new_tokens: int,
+                     batch_size: int = 0, **options) -> tuple[list[str], GenerationStats]:
+    """Answers for ``prompts`` (text or token ids), in their order, decoded without special tokens, up to the
+    first EOS; ``options`` as :func:`generate_ids` takes them."""
+    outputs, stats = generate_ids(model, tokenizer, prompts, max_new_tokens, batch_size, **options)
     return [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in outputs], stats
 
 
@@ -132,7 +115,15 @@ def generate_ids(
     sampling: Sampling = GREEDY,
     engine: str = "auto",
 ) -> tuple[list[tuple[list[int], bool]], GenerationStats]:
-    """:func:`generate_answers` as token ids: per prompt (new tokens before the EOS, whether an EOS ended it)."""
+    """New token ids for ``prompts`` (text or token ids), in their order: per prompt, the tokens before the EOS
+    and whether an EOS ended it.
+
+    Prompts are sorted by length before batching so a batch holds similar lengths (little padding), left-padded.
+    ``min_new_tokens`` exists for benchmarks, where random weights must produce equal lengths. ``engine``:
+    ``static`` decodes with :func:`kubetune.decoding.decode` (static KV cache, the step replayed as a CUDA graph on
+    a GPU), ``generate`` with transformers' ``generate``; ``auto`` takes ``static`` for a model with plain weights
+    on a GPU, ``generate`` otherwise.
+    """
     import torch
     from transformers import GenerationConfig
 
