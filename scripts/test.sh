@@ -6,4 +6,4 @@ bash scripts/setup.sh
 bash .ci/setup-browser.sh
 . .venv/bin/activate
 ruff check .
-python -m pytest -q -n "${KUBETUNE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+python -m pytest -q -n "${KUBETUNE_TEST_WORKERS:-2}" --dist loadfile "$@"

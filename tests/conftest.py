@@ -45,24 +45,3 @@ def prepare_sample(quantized_model_dir, tmp_path_factory):
         return root
 
     return prepare
-
-
-# The longest test files, longest first (measured on 2 cores: whole local pipeline runs and notebooks).
-LONGEST_FIRST = ("test_notebooks", "test_reliability", "test_lifecycle", "test_local_pipeline", "test_compare",
-                 "test_stepcli", "test_secrets", "test_preemption")
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest files first, then the other files with end-to-end tests, then the rest: pytest-xdist hands whole
-    files to its workers in this order (scripts/test.sh: ``--dist loadfile --no-loadscope-reorder``), so the
-    long files start early and the short ones fill the end, instead of a long file starting last while the other
-    worker idles."""
-    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-
-    def rank(item) -> tuple[int, int]:
-        name = item.module.__name__
-        if name in LONGEST_FIRST:
-            return 0, LONGEST_FIRST.index(name)
-        return (1 if name in slow_modules else 2), 0
-
-    items.sort(key=rank)  # stable: the order within a file is kept

@@ -64,13 +64,13 @@ def test_promote_moves_the_alias_only_when_the_rules_hold(mlflow_server):
     done = _promote(mlflow_server.uri, first)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "promoted" in done.stdout and "no current champion" in done.stdout
-    assert client.get_model_version_by_alias(name, "champion").version == first_version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first_version
 
     # better than its base, worse than the champion: held back, the alias stays, the reasons are on the run
     worse, _ = _evaluated_run(client, experiment_id, name, {**GOOD, "tuned_eval_loss": 1.8})
     done = _promote(mlflow_server.uri, worse)
     assert done.returncode == 3 and "does not beat the current champion" in done.stdout
-    assert client.get_model_version_by_alias(name, "champion").version == first_version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first_version
     tags = client.get_run(worse).data.tags
     assert tags["kubetune.promotion"] == "held back" and "current champion" in tags["kubetune.promotion_reasons"]
 
@@ -82,7 +82,7 @@ def test_promote_moves_the_alias_only_when_the_rules_hold(mlflow_server):
     best, best_version = _evaluated_run(client, experiment_id, name, {**GOOD, "tuned_eval_loss": 1.2,
                                                                       "capability_delta": 0.0})
     assert _promote(mlflow_server.uri, best).returncode == 0
-    assert client.get_model_version_by_alias(name, "champion").version == best_version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == best_version
     assert client.get_run(best).data.tags["kubetune.promotion"] == "champion"
     assert _promote(mlflow_server.uri, best).returncode == 3  # already the champion
 
