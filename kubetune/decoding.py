@@ -81,8 +81,8 @@ def _pick(logits, sampling, seen, generator):
     scores = scores / sampling.temperature
     if sampling.top_p < 1:
         ordered, order = scores.sort(-1, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) >= sampling.top_p  # keep the smallest set reaching top_p
+        probabilities = ordered.softmax(-1)
+        drop = probabilities.cumsum(-1) - probabilities >= sampling.top_p  # keep the smallest set reaching top_p
         ordered = ordered.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(-1)

@@ -201,10 +201,14 @@ def _training_rows(train_path: str, count: int) -> list[tuple[str, list[int], st
              data[i]["completion"], "training") for i in picked]
 
 
+def _sampling(config: EvalConfig) -> Sampling:
+    return Sampling(config.temperature, config.top_p, config.repetition_penalty, config.seed)
+
+
 def generation_settings(config: EvalConfig, *, reasoning: bool) -> dict[str, Any]:
     """The generation settings a served tuned model should use to answer as it did here (MLflow model metadata):
     a reasoning model's token cap covers its thinking too."""
-    sampling = Sampling(config.temperature, config.top_p, config.repetition_penalty, config.seed)
+    sampling = _sampling(config)
     kwargs = {k: v for k, v in sampling.generation_kwargs().items() if k != "top_k"}
     return {"max_new_tokens": config.max_new_tokens + (config.thinking_budget if reasoning else 0), **kwargs}
 
@@ -216,7 +220,7 @@ def _generate(model, tokenizer, prompts, config: EvalConfig, *, tuned: bool,
     ``config.fast_generation`` and it fits in memory, else on the 4-bit model itself."""
     import torch
 
-    sampling = Sampling(config.temperature, config.top_p, config.repetition_penalty, config.seed)
+    sampling = _sampling(config)
     how = [f"temperature={config.temperature}, top_p={config.top_p}" if config.temperature > 0 else "greedy"]
     plain = None
     if config.fast_generation:

@@ -73,7 +73,7 @@ def add_parser(sub) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
+    uri = _tracking_uri(args)
     comparison = compare_runs(uri, args.experiment or [DEFAULT_EXPERIMENT], args.metric, args.mode,
                               metrics=args.show_metric, include_unfinished=not args.finished_only)
     if args.plots_dir:
@@ -87,7 +87,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_review(args: argparse.Namespace) -> int:
-    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
+    uri = _tracking_uri(args)
     session = ReviewSession(uri, args.run_id, reviewer=args.reviewer, seed=args.seed)
     for pair in session.pairs:
         print(f"\n=== {pair.number}/{len(session.pairs)} ===\n{pair.prompt}\n")
@@ -120,11 +120,16 @@ def cmd_review(args: argparse.Namespace) -> int:
 
 def cmd_promote(args: argparse.Namespace) -> int:
     """Exit 0 when promoted, 3 when held back (the reasons are printed either way)."""
-    uri = resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
+    uri = _tracking_uri(args)
     rule = PromotionRule(args.metric, args.margin, args.capability_tolerance, args.alias)
     decision, name, version = promote_run(uri, args.run_id, rule)
     print(f"{name} version {version}: {decision.summary()}")
     return 0 if decision.promote else 3
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    """``--tracking-uri``, else MLFLOW_TRACKING_URI, else the local store of ``kubetune run --local``."""
+    return resolve_tracking_uri(args.tracking_uri) if args.tracking_uri or _env_uri() else _local_uri()
 
 
 def _env_uri() -> str:
