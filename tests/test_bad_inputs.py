@@ -257,6 +257,12 @@ class Bad:
     fix: str  # regex searched in the fix
 
 
+def _review_as(name: str):
+    from kubetune.review import ReviewSession
+
+    ReviewSession("sqlite:///unused.db", "0" * 32, reviewer=name)  # refused before any store is read
+
+
 CASES = [
     # dataset
     Bad("unknown dataset path", lambda c: c.prep(str(c.tmp / "nowhere" / "data.jsonl")),
@@ -323,6 +329,13 @@ CASES = [
         r"safetensors"),
     Bad("evaluation settings", lambda c: EvalConfig(max_new_tokens=0).validate(),
         r"max_new_tokens=0 must be positive", r"256"),
+    Bad("generation settings, all named in one error",
+        lambda c: EvalConfig(reasoning="maybe", thinking_budget=0, temperature=-1, top_p=0, repetition_penalty=0,
+                             train_probe_samples=-1).validate(),
+        r"6 problems:\n.*train_probe_samples=-1 .*reasoning='maybe' .*thinking_budget=0 .*temperature=-1 .*top_p=0 "
+        r".*repetition_penalty=0", r"0 for none.*reasoning=auto.*1024.*greedy.*0\.95.*1 for none"),
+    Bad("reviewer name that cannot name a file", lambda c: _review_as("dr li/2"),
+        r"reviewer name 'dr li/2' is not a short word", r"letters, digits"),
     Bad("pipeline parameters, all checked before a run",
         lambda c: validate_parameters({"lora_r": 0, "eval_fraction": 2.0, "length_policy": "trunc", "seed": 1}),
         r"3 problems:\n.*eval_fraction=2.0 .*length_policy='trunc' .*lora_r=0", r"0\.1.*drop, truncate.*8, 16"),
